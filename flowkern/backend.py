@@ -1,0 +1,151 @@
+"""The one place that decides which backend runs an op.
+
+Backends:
+  "torch"  eager PyTorch reference (the oracle), runs anywhere;
+  "triton" Triton kernels: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (slow, for tests);
+  "cuda"   the compiled extension flowkern._C on CUDA tensors;
+  "cpp"    the compiled extension flowkern._C on CPU tensors;
+  "auto"   the fastest usable backend for each tensor's device.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib
+import importlib.util
+import os
+from typing import Iterator
+
+import torch
+
+NAMES = ("torch", "triton", "cuda", "cpp")
+# Fastest first; "auto" never picks the Triton interpreter on CPU because it is ~1000x slower than eager.
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
+
+_default = "auto"
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("flowkern_backend", default=None)
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _extension():
+    """flowkern._C if it was built, else None (the package works without it)."""
+    try:
+        return importlib.import_module("flowkern._C")
+    except ImportError:
+        return None
+
+
+def usable_on(name: str, device: torch.device) -> bool:
+    """Whether backend `name` can run ops on tensors of `device`."""
+    if name == "torch":
+        return True
+    if name == "triton":
+        if not _triton_importable():
+            return False
+        if device.type == "cuda":
+            return torch.cuda.is_available()
+        return device.type == "cpu" and _triton_interpreted()
+    ext = _extension()
+    if name == "cuda":
+        return ext is not None and device.type == "cuda" and getattr(ext, "has_cuda", False)
+    if name == "cpp":
+        return ext is not None and device.type == "cpu"
+    return False
+
+
+def _devices_here() -> list[torch.device]:
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+    return devices
+
+
+def backends() -> list[str]:
+    """Backends usable on this machine (on at least one of its devices), fastest-agnostic order."""
+    return [n for n in NAMES if any(usable_on(n, d) for d in _devices_here())]
+
+
+def _why_unusable(name: str) -> str:
+    if name == "triton":
+        if not _triton_importable():
+            return "the triton package is not installed"
+        return "it needs a CUDA GPU (or TRITON_INTERPRET=1 set before importing flowkern, for CPU testing)"
+    if name in ("cuda", "cpp"):
+        if _extension() is None:
+            return "the compiled extension flowkern._C is not built (see README: building the extension)"
+        return "the compiled extension was built without CUDA" if name == "cuda" else "unknown reason"
+    return "unknown reason"
+
+
+def _check_name(name: str) -> None:
+    if name not in NAMES + ("auto",):
+        raise ValueError(f"unknown backend {name!r}; choose one of {NAMES + ('auto',)}")
+    if name != "auto" and name not in backends():
+        raise ValueError(f"backend {name!r} is not usable here: {_why_unusable(name)}; usable: {backends()}")
+
+
+def set_backend(name: str) -> None:
+    """Choose the backend for all ops in this process ("auto" by default)."""
+    global _default
+    _check_name(name)
+    _default = name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Temporarily choose the backend (per thread / async task)."""
+    _check_name(name)
+    token = _override.set(name)
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def current() -> str:
+    override = _override.get()
+    return override if override is not None else _default
+
+
+def resolve(x: torch.Tensor, op: str, available: tuple[str, ...] = NAMES) -> str:
+    """The concrete backend that runs `op` on tensor `x`.
+
+    `available` lists the backends that implement this op; under "auto" ops without a kernel fall back to torch.
+    An explicit choice that cannot run this op on this device raises instead of silently falling back.
+    """
+    name = current()
+    if name == "auto":
+        for candidate in _AUTO_ORDER.get(x.device.type, ("torch",)):
+            if candidate in available and usable_on(candidate, x.device):
+                return candidate
+        return "torch"
+    if name not in available:
+        raise NotImplementedError(f"op {op!r} has no {name!r} implementation (it has {available})")
+    if not usable_on(name, x.device):
+        raise RuntimeError(f"backend {name!r} cannot run {op!r} on {x.device.type} tensors: {_why_unusable(name)}")
+    return name
+
+
+def kernels(name: str, family: str):
+    """The module holding backend `name`'s launchers for an op family ("actnorm", "coupling", "invconv", ...).
+
+    Launchers carry one name per concept across backends: <op>_fwd, <op>_bwd, <op>_inv.
+    """
+    if name == "triton":
+        return importlib.import_module(f"flowkern.kernels.triton.{family}")
+    if name in ("cuda", "cpp"):
+        ext = _extension()
+        if ext is None:
+            raise RuntimeError(f"backend {name!r}: {_why_unusable(name)}")
+        return ext
+    raise ValueError(f"backend {name!r} has no kernels")

@@ -1,0 +1,1 @@
+"""Backend kernels. Only flowkern.ops imports from here (through flowkern.backend.kernels)."""

@@ -1,0 +1,331 @@
+"""The whole BERT-flow coupling on [B, C] in one kernel: MLP subnet on x1 plus the coupling epilogue on x2.
+
+Subnet (flowkern.nn.subnets.MLPSubnet; f = logscale_factor, s_i = exp(f * logs_i)):
+    pre1 = (x1 @ W1^T + b1) * s1,  h1 = relu(pre1)          W1 [H, C1]
+    pre2 = (h1 @ W2^T + b2) * s2,  h2 = relu(pre2)          W2 [H, H]
+    o    = (h2 @ W3^T + b3) * s3                            W3 [O, H], O = C2 (additive) or 2 * C2 (affine)
+Epilogue (flowkern.ops.coupling): additive z2 = x2 + o; affine shift = o[:, 0::2], raw = o[:, 1::2] + 2,
+z2 = (x2 + shift) * sigmoid(raw), log_det = sum logsigmoid(raw). Inverse: x2 = z2 - o, or
+x2 = z2 * (1 + exp(-raw)) - shift (= z2 / sigmoid(raw) - shift, without a division).
+
+Each program owns BLOCK_B rows. The hidden activations ([BLOCK_B, H], H <= 64) live in registers only: the forward
+streams x1 through W1 in BLOCK_K column chunks, then streams the output channels in BLOCK_J chunks, reading x2 and
+writing z2 chunk by chunk (for affine, the shift and scale rows 2j and 2j+1 of W3 are two small dots). The backward
+recomputes the hidden layers instead of storing them, walks the output chunks again accumulating dh2, then goes down
+through both ActNorm+ReLU layers and finally streams x1 once more for dW1 and dx1. Parameter gradients are written
+as this program's fp32 partial sums ([programs, ...] buffers) and summed by torch afterwards: deterministic, no
+atomics. Activations are read and written through their strides (x1, x2 are usually column slices of one x);
+the tiny parameter tensors are made contiguous.
+
+Compute is fp32 (fp64 for fp64 data); tl.dot runs IEEE for fp32/fp64 data and TF32 for fp16/bf16 data, whose own
+rounding dominates. The hidden width must be <= MAX_HIDDEN (registers); the channel counts are unbounded.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..._checks import compute_dtype
+# _layout also makes the CPU interpreter accept runtime loop bounds (NumPy >= 2.4), which these kernels need.
+from ._layout import compute_type
+
+MAX_HIDDEN = 64
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def _blocks(t: torch.Tensor, hidden: int, backward: bool) -> dict:
+    hp = max(16, triton.next_power_of_2(hidden))
+    if t.device.type == "cuda":
+        return dict(BLOCK_B=64, BLOCK_K=32, BLOCK_J=32, HP=hp, num_warps=8 if backward else 4)
+    # Interpreter: each program costs ~ms, so wide column chunks; 16-row blocks so small batches still span
+    # several programs (exercising the partial sums and the padded last block).
+    return dict(BLOCK_B=16, BLOCK_K=64, BLOCK_J=64, HP=hp)
+
+
+@triton.jit
+def _actnorm_affine(bias_ptr, logs_ptr, idx, mask, logscale_factor, ACC: tl.constexpr):
+    """(bias, exp(f * logs)) at idx; padding gets bias 0 and scale 1, so padded hidden units stay exactly 0."""
+    bias = tl.load(bias_ptr + idx, mask=mask, other=0.0).to(ACC)
+    scale = tl.exp(logscale_factor * tl.load(logs_ptr + idx, mask=mask, other=0.0).to(ACC))
+    return bias, scale
+
+
+@triton.jit
+def _hidden_layers(x1_ptr, x1_sb, x1_sc, rows, row_mask, C1, HID, w1_ptr, b1_ptr, l1_ptr, w2_ptr, b2_ptr, l2_ptr,
+                   logscale_factor, ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+                   BLOCK_K: tl.constexpr, HP: tl.constexpr):
+    """(pre1, pre2): both ActNorm outputs before their ReLU, [BLOCK_B, HP]."""
+    hid = tl.arange(0, HP)
+    hid_mask = hid < HID
+    a1 = tl.zeros((BLOCK_B, HP), dtype=ACC)
+    x1_rows = rows.to(tl.int64) * x1_sb
+    for k0 in range(0, C1, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k < C1
+        x1 = tl.load(x1_ptr + x1_rows[:, None] + k[None, :] * x1_sc, mask=row_mask[:, None] & k_mask[None, :],
+                     other=0.0).to(ACC)
+        w1_t = tl.load(w1_ptr + hid[None, :] * C1 + k[:, None], mask=hid_mask[None, :] & k_mask[:, None],
+                       other=0.0).to(ACC)
+        a1 = tl.dot(x1, w1_t, a1, input_precision=PRECISION, out_dtype=ACC)
+    b1, s1 = _actnorm_affine(b1_ptr, l1_ptr, hid, hid_mask, logscale_factor, ACC)
+    pre1 = (a1 + b1[None, :]) * s1[None, :]
+    w2_t = tl.load(w2_ptr + hid[None, :] * HID + hid[:, None], mask=hid_mask[None, :] & hid_mask[:, None],
+                   other=0.0).to(ACC)
+    a2 = tl.dot(tl.maximum(pre1, 0.0), w2_t, input_precision=PRECISION, out_dtype=ACC)
+    b2, s2 = _actnorm_affine(b2_ptr, l2_ptr, hid, hid_mask, logscale_factor, ACC)
+    return pre1, (a2 + b2[None, :]) * s2[None, :]
+
+
+@triton.jit
+def _output_layer(h2, w3_ptr, b3_ptr, l3_ptr, out_idx, out_mask, HID, logscale_factor,
+                  ACC: tl.constexpr, PRECISION: tl.constexpr, HP: tl.constexpr):
+    """(o, W3^T tile, s3) for output channels out_idx: o = (h2 @ W3[out_idx]^T + b3) * s3, [BLOCK_B, BLOCK_J]."""
+    hid = tl.arange(0, HP)
+    w3_t = tl.load(w3_ptr + out_idx[None, :] * HID + hid[:, None], mask=out_mask[None, :] & (hid < HID)[:, None],
+                   other=0.0).to(ACC)
+    b3, s3 = _actnorm_affine(b3_ptr, l3_ptr, out_idx, out_mask, logscale_factor, ACC)
+    o = (tl.dot(h2, w3_t, input_precision=PRECISION, out_dtype=ACC) + b3[None, :]) * s3[None, :]
+    return o, w3_t, s3
+
+
+@triton.jit
+def _output_layer_backward(do, o, h2, w3_t, s3, out_idx, out_mask, HID, O, pid, dw3_part_ptr, db3_part_ptr,
+                           dl3_part_ptr, logscale_factor, ACC: tl.constexpr, PRECISION: tl.constexpr,
+                           HP: tl.constexpr):
+    """Stores this program's partial dW3, db3, dlogs3 for out_idx; returns the contribution to dh2."""
+    hid = tl.arange(0, HP)
+    dg = do * s3[None, :]
+    tl.store(db3_part_ptr + pid * O + out_idx, tl.sum(dg, axis=0), mask=out_mask)
+    tl.store(dl3_part_ptr + pid * O + out_idx, logscale_factor * tl.sum(do * o, axis=0), mask=out_mask)
+    dw3 = tl.dot(tl.trans(dg), h2, input_precision=PRECISION, out_dtype=ACC)
+    tl.store(dw3_part_ptr + pid.to(tl.int64) * O * HID + out_idx[:, None] * HID + hid[None, :], dw3,
+             mask=out_mask[:, None] & (hid < HID)[None, :])
+    return tl.dot(dg, tl.trans(w3_t), input_precision=PRECISION, out_dtype=ACC)
+
+
+@triton.jit
+def _log_sigmoid(x):
+    return tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _mlp_coupling_kernel(x1_ptr, in2_ptr, out2_ptr, log_det_ptr,
+                         w1_ptr, b1_ptr, l1_ptr, w2_ptr, b2_ptr, l2_ptr, w3_ptr, b3_ptr, l3_ptr,
+                         B, C1, C2, HID, x1_sb, x1_sc, in2_sb, in2_sc, out2_sb, out2_sc, logscale_factor,
+                         AFFINE: tl.constexpr, INVERSE: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+                         BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr, HP: tl.constexpr):
+    """Forward: out2 = z2 from in2 = x2, and log_det. INVERSE: out2 = x2 from in2 = z2 (no log_det)."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_mask = rows < B
+    pre1, pre2 = _hidden_layers(x1_ptr, x1_sb, x1_sc, rows, row_mask, C1, HID, w1_ptr, b1_ptr, l1_ptr,
+                                w2_ptr, b2_ptr, l2_ptr, logscale_factor, ACC, PRECISION, BLOCK_B, BLOCK_K, HP)
+    h2 = tl.maximum(pre2, 0.0)
+    log_det = tl.zeros((BLOCK_B,), dtype=ACC)
+    in2_rows, out2_rows = rows.to(tl.int64) * in2_sb, rows.to(tl.int64) * out2_sb
+    for j0 in range(0, C2, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        j_mask = j < C2
+        mask = row_mask[:, None] & j_mask[None, :]
+        v = tl.load(in2_ptr + in2_rows[:, None] + j[None, :] * in2_sc, mask=mask, other=0.0).to(ACC)
+        if AFFINE:
+            shift, _, _ = _output_layer(h2, w3_ptr, b3_ptr, l3_ptr, 2 * j, j_mask, HID, logscale_factor,
+                                        ACC, PRECISION, HP)
+            raw, _, _ = _output_layer(h2, w3_ptr, b3_ptr, l3_ptr, 2 * j + 1, j_mask, HID, logscale_factor,
+                                      ACC, PRECISION, HP)
+            raw += 2.0
+            if INVERSE:
+                out = v * (1.0 + tl.exp(-raw)) - shift
+            else:
+                out = (v + shift) * tl.sigmoid(raw)
+                log_det += tl.sum(tl.where(mask, _log_sigmoid(raw), 0.0), axis=1)
+        else:
+            o, _, _ = _output_layer(h2, w3_ptr, b3_ptr, l3_ptr, j, j_mask, HID, logscale_factor, ACC, PRECISION, HP)
+            if INVERSE:
+                out = v - o
+            else:
+                out = v + o
+        tl.store(out2_ptr + out2_rows[:, None] + j[None, :] * out2_sc, out.to(out2_ptr.dtype.element_ty), mask=mask)
+    if not INVERSE:
+        tl.store(log_det_ptr + rows, log_det.to(log_det_ptr.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
+def _mlp_coupling_bwd_kernel(dout_ptr, dlog_det_ptr, x1_ptr, in2_ptr, din2_ptr, dx1_ptr,
+                             w1_ptr, b1_ptr, l1_ptr, w2_ptr, b2_ptr, l2_ptr, w3_ptr, b3_ptr, l3_ptr,
+                             dw1_part_ptr, db1_part_ptr, dl1_part_ptr, dw2_part_ptr, db2_part_ptr, dl2_part_ptr,
+                             dw3_part_ptr, db3_part_ptr, dl3_part_ptr,
+                             B, C1, C2, HID, O, dout_sb, dout_sc, x1_sb, x1_sc, in2_sb, in2_sc,
+                             din2_sb, din2_sc, dx1_sb, dx1_sc, logscale_factor,
+                             AFFINE: tl.constexpr, INVERSE: tl.constexpr, ACC: tl.constexpr,
+                             PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+                             BLOCK_J: tl.constexpr, HP: tl.constexpr):
+    """Backward of _mlp_coupling_kernel (either direction) given dout = d(out2) and, forward affine, d(log_det):
+    writes d(in2), dx1 (through the subnet only) and this program's partial parameter gradients."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_mask = rows < B
+    hid = tl.arange(0, HP)
+    hid_mask = hid < HID
+    pre1, pre2 = _hidden_layers(x1_ptr, x1_sb, x1_sc, rows, row_mask, C1, HID, w1_ptr, b1_ptr, l1_ptr,
+                                w2_ptr, b2_ptr, l2_ptr, logscale_factor, ACC, PRECISION, BLOCK_B, BLOCK_K, HP)
+    h1, h2 = tl.maximum(pre1, 0.0), tl.maximum(pre2, 0.0)
+    if AFFINE and not INVERSE:
+        dlog_det = tl.load(dlog_det_ptr + rows, mask=row_mask, other=0.0).to(ACC)
+
+    # Output layer and epilogue, chunk by chunk of x2's channels.
+    dh2 = tl.zeros((BLOCK_B, HP), dtype=ACC)
+    dout_rows, in2_rows, din2_rows = (rows.to(tl.int64) * dout_sb, rows.to(tl.int64) * in2_sb,
+                                      rows.to(tl.int64) * din2_sb)
+    for j0 in range(0, C2, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        j_mask = j < C2
+        mask = row_mask[:, None] & j_mask[None, :]
+        dout = tl.load(dout_ptr + dout_rows[:, None] + j[None, :] * dout_sc, mask=mask, other=0.0).to(ACC)
+        v = tl.load(in2_ptr + in2_rows[:, None] + j[None, :] * in2_sc, mask=mask, other=0.0).to(ACC)
+        if AFFINE:
+            shift, w3s_t, s3s = _output_layer(h2, w3_ptr, b3_ptr, l3_ptr, 2 * j, j_mask, HID, logscale_factor,
+                                              ACC, PRECISION, HP)
+            raw_out, w3r_t, s3r = _output_layer(h2, w3_ptr, b3_ptr, l3_ptr, 2 * j + 1, j_mask, HID,
+                                                logscale_factor, ACC, PRECISION, HP)
+            raw = raw_out + 2.0
+            if INVERSE:  # x2 = z2 * (1 + e) - shift, e = exp(-raw)
+                e = tl.exp(-raw)
+                din2 = dout * (1.0 + e)
+                dshift = -dout
+                draw = -dout * v * e
+            else:  # z2 = (x2 + shift) * sigma, log_det += log(sigma), d log(sigma) / d raw = 1 - sigma
+                sigma = tl.sigmoid(raw)
+                din2 = dout * sigma
+                dshift = din2
+                draw = (dout * (v + shift) * sigma + dlog_det[:, None]) * (1.0 - sigma)
+            draw = tl.where(mask, draw, 0.0)
+            dh2 += _output_layer_backward(dshift, shift, h2, w3s_t, s3s, 2 * j, j_mask, HID, O, pid,
+                                          dw3_part_ptr, db3_part_ptr, dl3_part_ptr, logscale_factor,
+                                          ACC, PRECISION, HP)
+            dh2 += _output_layer_backward(draw, raw_out, h2, w3r_t, s3r, 2 * j + 1, j_mask, HID, O, pid,
+                                          dw3_part_ptr, db3_part_ptr, dl3_part_ptr, logscale_factor,
+                                          ACC, PRECISION, HP)
+        else:
+            o, w3_t, s3 = _output_layer(h2, w3_ptr, b3_ptr, l3_ptr, j, j_mask, HID, logscale_factor,
+                                        ACC, PRECISION, HP)
+            din2 = dout
+            if INVERSE:
+                do = -dout
+            else:
+                do = dout
+            dh2 += _output_layer_backward(do, o, h2, w3_t, s3, j, j_mask, HID, O, pid,
+                                          dw3_part_ptr, db3_part_ptr, dl3_part_ptr, logscale_factor,
+                                          ACC, PRECISION, HP)
+        tl.store(din2_ptr + din2_rows[:, None] + j[None, :] * din2_sc, din2.to(din2_ptr.dtype.element_ty),
+                 mask=mask)
+
+    # Second hidden layer: ReLU, ActNorm, W2.
+    dpre2 = tl.where(pre2 > 0.0, dh2, 0.0)
+    _, s2 = _actnorm_affine(b2_ptr, l2_ptr, hid, hid_mask, logscale_factor, ACC)
+    tl.store(db2_part_ptr + pid * HID + hid, tl.sum(dpre2 * s2[None, :], axis=0), mask=hid_mask)
+    tl.store(dl2_part_ptr + pid * HID + hid, logscale_factor * tl.sum(dpre2 * pre2, axis=0), mask=hid_mask)
+    da2 = dpre2 * s2[None, :]
+    hid_2d = hid_mask[:, None] & hid_mask[None, :]
+    dw2 = tl.dot(tl.trans(da2), h1, input_precision=PRECISION, out_dtype=ACC)
+    tl.store(dw2_part_ptr + pid.to(tl.int64) * HID * HID + hid[:, None] * HID + hid[None, :], dw2, mask=hid_2d)
+    w2 = tl.load(w2_ptr + hid[:, None] * HID + hid[None, :], mask=hid_2d, other=0.0).to(ACC)
+    dh1 = tl.dot(da2, w2, input_precision=PRECISION, out_dtype=ACC)
+
+    # First hidden layer: ReLU, ActNorm, then W1 and x1, chunk by chunk of x1's channels.
+    dpre1 = tl.where(pre1 > 0.0, dh1, 0.0)
+    _, s1 = _actnorm_affine(b1_ptr, l1_ptr, hid, hid_mask, logscale_factor, ACC)
+    tl.store(db1_part_ptr + pid * HID + hid, tl.sum(dpre1 * s1[None, :], axis=0), mask=hid_mask)
+    tl.store(dl1_part_ptr + pid * HID + hid, logscale_factor * tl.sum(dpre1 * pre1, axis=0), mask=hid_mask)
+    da1 = dpre1 * s1[None, :]
+    da1_t = tl.trans(da1)
+    x1_rows, dx1_rows = rows.to(tl.int64) * x1_sb, rows.to(tl.int64) * dx1_sb
+    for k0 in range(0, C1, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k < C1
+        x1 = tl.load(x1_ptr + x1_rows[:, None] + k[None, :] * x1_sc, mask=row_mask[:, None] & k_mask[None, :],
+                     other=0.0).to(ACC)
+        w_mask = hid_mask[:, None] & k_mask[None, :]
+        dw1 = tl.dot(da1_t, x1, input_precision=PRECISION, out_dtype=ACC)
+        tl.store(dw1_part_ptr + pid.to(tl.int64) * HID * C1 + hid[:, None] * C1 + k[None, :], dw1, mask=w_mask)
+        w1 = tl.load(w1_ptr + hid[:, None] * C1 + k[None, :], mask=w_mask, other=0.0).to(ACC)
+        dx1 = tl.dot(da1, w1, input_precision=PRECISION, out_dtype=ACC)
+        tl.store(dx1_ptr + dx1_rows[:, None] + k[None, :] * dx1_sc, dx1.to(dx1_ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & k_mask[None, :])
+
+
+def _contiguous_params(params) -> list[torch.Tensor]:
+    return [p.contiguous() for p in params]
+
+
+def _run_forward(x1: torch.Tensor, in2: torch.Tensor, params, affine: bool, logscale_factor: float,
+                 inverse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    w1, b1, l1, w2, b2, l2, w3, b3, l3 = _contiguous_params(params)
+    batch, c1 = x1.shape
+    c2, hidden = in2.shape[1], w1.shape[0]
+    out2 = torch.empty_like(in2)
+    log_det = None if inverse else in2.new_empty(batch, dtype=compute_dtype(in2.dtype))
+    blocks = _blocks(x1, hidden, backward=False)
+    _mlp_coupling_kernel[(triton.cdiv(batch, blocks["BLOCK_B"]),)](
+        x1, in2, out2, out2 if log_det is None else log_det, w1, b1, l1, w2, b2, l2, w3, b3, l3,
+        batch, c1, c2, hidden, x1.stride(0), x1.stride(1), in2.stride(0), in2.stride(1),
+        out2.stride(0), out2.stride(1), logscale_factor, AFFINE=affine, INVERSE=inverse,
+        ACC=compute_type(in2.dtype), PRECISION=_dot_precision(in2.dtype), **blocks)
+    return out2, log_det
+
+
+def _run_backward(dout: torch.Tensor, dlog_det: torch.Tensor | None, x1: torch.Tensor, in2: torch.Tensor, params,
+                  affine: bool, logscale_factor: float, inverse: bool):
+    w1, b1, l1, w2, b2, l2, w3, b3, l3 = contiguous = _contiguous_params(params)
+    batch, c1 = x1.shape
+    c2, hidden, outputs = in2.shape[1], w1.shape[0], w3.shape[0]
+    blocks = _blocks(x1, hidden, backward=True)
+    programs = triton.cdiv(batch, blocks["BLOCK_B"])
+    din2, dx1 = torch.empty_like(in2), torch.empty_like(x1)
+    part_dtype = compute_dtype(in2.dtype)
+    partials = [x1.new_empty((programs,) + p.shape, dtype=part_dtype) for p in contiguous]
+    _mlp_coupling_bwd_kernel[(programs,)](
+        dout, dout if dlog_det is None else dlog_det, x1, in2, din2, dx1, *contiguous, *partials,
+        batch, c1, c2, hidden, outputs, dout.stride(0), dout.stride(1), x1.stride(0), x1.stride(1),
+        in2.stride(0), in2.stride(1), din2.stride(0), din2.stride(1), dx1.stride(0), dx1.stride(1),
+        logscale_factor, AFFINE=affine, INVERSE=inverse, ACC=compute_type(in2.dtype),
+        PRECISION=_dot_precision(in2.dtype), **blocks)
+    param_grads = [part.sum(0).to(p.dtype) for part, p in zip(partials, params)]
+    return dx1, din2, *param_grads
+
+
+def mlp_coupling_fwd(x1: torch.Tensor, x2: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, l1: torch.Tensor,
+                     w2: torch.Tensor, b2: torch.Tensor, l2: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor,
+                     l3: torch.Tensor, affine: bool, logscale_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z2, log_det[B]) of the coupling with the MLP subnet's parameters (w1, b1, l1: first Linear and ActNorm,
+    w2, b2, l2: second, w3, b3, l3: ZeroLinear)."""
+    return _run_forward(x1, x2, (w1, b1, l1, w2, b2, l2, w3, b3, l3), affine, logscale_factor, inverse=False)
+
+
+def mlp_coupling_bwd(dz2: torch.Tensor, dlog_det: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor,
+                     w1: torch.Tensor, b1: torch.Tensor, l1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                     l2: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor, l3: torch.Tensor, affine: bool,
+                     logscale_factor: float) -> tuple[torch.Tensor, ...]:
+    """(dx1 through the subnet, dx2, dw1, db1, dl1, dw2, db2, dl2, dw3, db3, dl3)."""
+    return _run_backward(dz2, dlog_det, x1, x2, (w1, b1, l1, w2, b2, l2, w3, b3, l3), affine, logscale_factor,
+                         inverse=False)
+
+
+def mlp_coupling_inv(x1: torch.Tensor, z2: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, l1: torch.Tensor,
+                     w2: torch.Tensor, b2: torch.Tensor, l2: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor,
+                     l3: torch.Tensor, affine: bool, logscale_factor: float) -> torch.Tensor:
+    """x2 from z2 (x1 passes through the coupling unchanged, so the subnet sees the same input)."""
+    x2, _ = _run_forward(x1, z2, (w1, b1, l1, w2, b2, l2, w3, b3, l3), affine, logscale_factor, inverse=True)
+    return x2
+
+
+def mlp_coupling_inv_bwd(dx2: torch.Tensor, x1: torch.Tensor, z2: torch.Tensor, w1: torch.Tensor,
+                         b1: torch.Tensor, l1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, l2: torch.Tensor,
+                         w3: torch.Tensor, b3: torch.Tensor, l3: torch.Tensor, affine: bool,
+                         logscale_factor: float) -> tuple[torch.Tensor, ...]:
+    """(dx1 through the subnet, dz2, dw1, db1, dl1, dw2, db2, dl2, dw3, db3, dl3) of mlp_coupling_inv."""
+    return _run_backward(dx2, None, x1, z2, (w1, b1, l1, w2, b2, l2, w3, b3, l3), affine, logscale_factor,
+                         inverse=True)

@@ -1,0 +1,216 @@
+"""BERT-flow (Li et al. 2020): a frozen encoder's pooled sentence embeddings mapped to N(0, I) by a Glow."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+import flowkern
+from flowkern.models.encoder import DEFAULT_MAX_LENGTH, DEFAULT_POOLING, SentenceEncoder
+from flowkern.nn import Glow
+
+FORMAT = "flowkern.bertflow"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "flow.safetensors"
+TRANSFORM_BATCH = 8192
+
+
+@dataclass
+class FitReport:
+    """What one :meth:`BertFlow.fit` did: path ("fast" or "eager"), sizes, per-step losses, timings (s)."""
+
+    path: str
+    n_sentences: int
+    n_distinct: int
+    epochs: int
+    steps: int
+    encode_seconds: float
+    flow_seconds: float
+    total_seconds: float
+    losses: list[float] = field(repr=False)
+
+    @property
+    def final_loss(self) -> float:
+        return self.losses[-1]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def bits_per_dim(flow: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood in bits per dimension, averaged over the batch."""
+    return -flow.log_prob(x).mean() / (math.log(2.0) * x.shape[1])
+
+
+class BertFlow:
+    """Frozen encoder + pooling + normalizing flow; the flow's output is the sentence embedding.
+
+    ``encoder``: HuggingFace name, local directory, a :class:`SentenceEncoder` to share (its cache too),
+    or None for the embedded all-MiniLM-L6-v2. ``flow``: a Glow, a Glow config dict (original JSON
+    keys accepted), or None for the original code's default (3 levels, depth 3, width 32, additive
+    coupling, fixed channel reversal). ``seed`` seeds the flow's initialization when it is built here.
+    """
+
+    def __init__(self, encoder: str | os.PathLike | SentenceEncoder | None = None, pooling: str = DEFAULT_POOLING,
+                 flow: torch.nn.Module | dict | None = None, max_length: int = DEFAULT_MAX_LENGTH,
+                 device: str | torch.device | None = None, cache_dir: str | os.PathLike | None = None,
+                 seed: int = 0) -> None:
+        if isinstance(encoder, SentenceEncoder):
+            self.encoder = encoder
+        else:
+            self.encoder = SentenceEncoder(encoder, pooling, max_length, device, cache_dir)
+        if not isinstance(flow, torch.nn.Module):
+            with _seeded(seed, self.device):
+                flow = Glow(self.encoder.dim) if flow is None else Glow.from_config(flow, channels=self.encoder.dim)
+        self.flow = flow.to(self.device).eval()
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.device
+
+    def fit(self, sentences: Sequence[str], epochs: int = 1, batch_size: int = 64, lr: float = 1e-3,
+            weight_decay: float = 0.01, clip_norm: float = 1.0, seed: int = 0, reference: bool = False,
+            encode_batch_size: int = 128, progress: bool = False) -> FitReport:
+        """Fit the flow by maximum likelihood (bits/dim) on unlabelled sentences; returns a FitReport.
+
+        AdamW (eps 1e-6, decoupled weight decay on every non-bias parameter, as the original's
+        AdamWeightDecayOptimizer), constant lr, global grad-norm clipping. The first batch initializes
+        ActNorm from data. Fast path: pooled embeddings of the distinct sentences are computed once and
+        cached. ``reference=True``: the original recipe, the encoder re-run on every batch padded to
+        max_length with dropout on, and the flow on the eager torch backend.
+        """
+        sentences = list(sentences)
+        if not sentences:
+            raise ValueError("cannot fit on an empty corpus: no sentences given")
+        if epochs < 1 or batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be positive, got {epochs} and {batch_size}")
+        started = time.perf_counter()
+        encode_seconds = 0.0
+        if reference:
+            def batch_of(indices: torch.Tensor) -> torch.Tensor:
+                nonlocal encode_seconds
+                t0 = time.perf_counter()
+                pooled = self.encoder.pool_batch([sentences[i] for i in indices.tolist()], reference=True)
+                encode_seconds += time.perf_counter() - t0
+                return pooled
+            backend = flowkern.use_backend("torch")
+        else:
+            cached = self.encoder.encode(sentences, encode_batch_size, progress)
+            encode_seconds = time.perf_counter() - started
+
+            def batch_of(indices: torch.Tensor) -> torch.Tensor:
+                return cached[indices.to(cached.device)]
+            backend = contextlib.nullcontext()
+
+        optimizer = torch.optim.AdamW(self._parameter_groups(weight_decay), lr=lr, eps=1e-6)
+        shuffler = torch.Generator().manual_seed(seed)
+        steps_per_epoch = math.ceil(len(sentences) / batch_size)
+        losses: list[float] = []
+        with _seeded(seed, self.device), backend, tqdm(total=epochs * steps_per_epoch, desc="fitting flow",
+                                                       unit="step", disable=not progress) as bar:
+            self.flow.train()
+            try:
+                for epoch in range(epochs):
+                    for indices in torch.randperm(len(sentences), generator=shuffler).split(batch_size):
+                        loss = bits_per_dim(self.flow, batch_of(indices))
+                        if not torch.isfinite(loss):
+                            raise FloatingPointError(
+                                f"non-finite loss ({loss.item()}) at step {len(losses) + 1} "
+                                f"(epoch {epoch + 1}); try a lower lr or additive coupling")
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        torch.nn.utils.clip_grad_norm_(self.flow.parameters(), clip_norm)
+                        optimizer.step()
+                        losses.append(loss.item())
+                        bar.update()
+                        bar.set_postfix(bits_per_dim=f"{losses[-1]:.3f}", refresh=False)
+            finally:
+                self.flow.eval()
+        total = time.perf_counter() - started
+        return FitReport("eager" if reference else "fast", len(sentences), len(set(sentences)), epochs, len(losses),
+                         encode_seconds, total - encode_seconds, total, losses)
+
+    def _parameter_groups(self, weight_decay: float) -> list[dict]:
+        named = [(name, p) for name, p in self.flow.named_parameters() if p.requires_grad]
+        return [
+            {"params": [p for name, p in named if "bias" not in name], "weight_decay": weight_decay},
+            {"params": [p for name, p in named if "bias" in name], "weight_decay": 0.0},
+        ]
+
+    def pooled(self, sentences: Sequence[str], batch_size: int = 128, progress: bool = False) -> torch.Tensor:
+        """Pooled encoder embeddings [N, D] (no flow), from the cache where possible."""
+        return self.encoder.encode(sentences, batch_size, progress)
+
+    def transform(self, embeddings: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """Apply the flow to already-pooled embeddings; numpy in, float32 numpy out; tensor in, tensor out."""
+        as_numpy = not isinstance(embeddings, torch.Tensor)
+        x = torch.as_tensor(np.asarray(embeddings, dtype=np.float32) if as_numpy else embeddings)
+        if x.ndim != 2 or x.shape[1] != self.encoder.dim:
+            raise ValueError(f"expected embeddings of shape [N, {self.encoder.dim}], got {tuple(x.shape)}")
+        self.flow.eval()
+        with torch.no_grad():
+            z = torch.cat([self.flow(chunk.to(self.device, torch.float32))[0]
+                           for chunk in x.split(TRANSFORM_BATCH)]) if len(x) else x.to(self.device, torch.float32)
+        return z.cpu().numpy() if as_numpy else z.to(x.device)
+
+    def encode(self, sentences: Sequence[str], batch_size: int = 128, as_tensor: bool = False,
+               progress: bool = False) -> np.ndarray | torch.Tensor:
+        """Sentence embeddings: pooled encoder output through the flow. float32 numpy [N, D], or a tensor."""
+        embeddings = self.transform(self.pooled(sentences, batch_size, progress))
+        return embeddings if as_tensor else embeddings.cpu().numpy()
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write config.json (encoder reference, pooling, flow config) and flow.safetensors; no pickle."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "encoder": self.encoder.name,
+            "pooling": self.encoder.pooling,
+            "max_length": self.encoder.max_length,
+            "flow": self.flow.config,
+        }
+        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        # clone(): safetensors refuses tensors that share storage.
+        weights = {name: t.detach().cpu().contiguous().clone() for name, t in self.flow.state_dict().items()}
+        save_file(weights, directory / WEIGHTS_FILE, metadata={"format": FORMAT})
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, device: str | torch.device | None = None,
+             cache_dir: str | os.PathLike | None = None) -> BertFlow:
+        """Rebuild a model written by :meth:`save` (the encoder is loaded from its recorded name/path)."""
+        directory = Path(directory)
+        config_path = directory / CONFIG_FILE
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{directory} is not a saved BertFlow model: {CONFIG_FILE} is missing")
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{config_path}: not a {FORMAT} v{FORMAT_VERSION} config "
+                             f"(format {config.get('format')!r}, version {config.get('format_version')!r})")
+        encoder = SentenceEncoder(config["encoder"], config["pooling"], config["max_length"], device, cache_dir)
+        flow = Glow.from_config(config["flow"], channels=encoder.dim)
+        flow.load_state_dict(load_file(directory / WEIGHTS_FILE))
+        return cls(encoder, flow=flow)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device):
+    """Seed torch's global RNGs for the block, then restore them (dropout and init draw from these)."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+from .._checks import check_input, compute_dtype
+
+
+class ActNorm(nn.Module):
+    """y = (x + bias) * exp(logscale_factor * logs) per channel, with data-dependent init (DDI).
+
+    With ddi=True the first forward in training mode sets bias and logs so that the batch gets zero mean and
+    unit variance per channel. `initialized` is a saved buffer: loading a checkpoint never re-initializes.
+    """
+
+    def __init__(self, channels: int, logscale_factor: float = 3.0, ddi: bool = True):
+        super().__init__()
+        if channels < 1:
+            raise ValueError(f"ActNorm: channels must be >= 1, got {channels}")
+        self.channels = channels
+        self.logscale_factor = float(logscale_factor)
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.logs = nn.Parameter(torch.zeros(channels))
+        self.register_buffer("initialized", torch.tensor(not ddi))
+        # Reading the buffer costs a host sync on GPU; remember once it is known to be set.
+        self._known_initialized = not ddi
+        self.register_load_state_dict_post_hook(lambda module, _: module._forget_initialized())
+
+    def _forget_initialized(self) -> None:
+        self._known_initialized = False
+
+    def forward(self, x: torch.Tensor):
+        check_input(x, self.channels, "ActNorm", like=self.bias)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor):
+        if self.training and not self._known_initialized:
+            if not bool(self.initialized):
+                self.data_init(x)
+            self._known_initialized = True
+        return ops.actnorm(x, self.bias, self.logs, self.logscale_factor)
+
+    @torch.no_grad()
+    def data_init(self, x: torch.Tensor) -> None:
+        """Set bias and logs from a batch so that it comes out with zero mean and unit variance per channel."""
+        values = x.detach().transpose(0, 1).reshape(self.channels, -1).double()
+        if values.shape[1] < 2:
+            raise ValueError(
+                f"ActNorm data-dependent init needs at least 2 values per channel, got a batch of shape "
+                f"{tuple(x.shape)}; initialize on a larger batch or construct with ddi=False")
+        mean, std = values.mean(1), values.std(1, unbiased=False)
+        self.bias.copy_(-mean)
+        self.logs.copy_(torch.log(1.0 / (std + 1e-6)) / self.logscale_factor)
+        self.initialized.fill_(True)
+        self._known_initialized = True
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        check_input(y, self.channels, "ActNorm.inverse", like=self.bias)
+        return self._inverse(y)
+
+    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return ops.actnorm_inverse(y, self.bias, self.logs, self.logscale_factor)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, logscale_factor={self.logscale_factor}"
+
+
+def zero_log_det(x: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(x.shape[0], dtype=compute_dtype(x.dtype), device=x.device)

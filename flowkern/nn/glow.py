@@ -1,0 +1,168 @@
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .. import ops
+from .._checks import check_input, compute_dtype
+from .actnorm import ActNorm
+from .coupling import AdditiveCoupling, AffineCoupling, _ddi_pending
+from .invconv import MIXINGS, InvConv1x1
+
+COUPLINGS = {"additive": AdditiveCoupling, "affine": AffineCoupling}
+
+
+class FlowStep(nn.Module):
+    """ActNorm -> invertible 1x1 conv (or fixed permutation) -> coupling."""
+
+    def __init__(self, channels: int, hidden: int = 32, coupling: str = "additive", mixing: str = "reverse",
+                 image: bool = False, subnet: nn.Module | None = None):
+        super().__init__()
+        if coupling not in COUPLINGS:
+            raise ValueError(f"FlowStep: coupling must be one of {tuple(COUPLINGS)}, got {coupling!r}")
+        self.channels = channels
+        self.actnorm = ActNorm(channels)
+        self.mixing = InvConv1x1(channels, mixing)
+        self.coupling = COUPLINGS[coupling](channels, hidden, subnet=subnet, image=image)
+
+    def forward(self, x: torch.Tensor):
+        check_input(x, self.channels, "FlowStep", like=self.actnorm.bias)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor):
+        if self.mixing.mixing == "lu" and not _ddi_pending(self.actnorm):
+            # ActNorm folded into the 1x1 convolution (one GEMM); the ActNorm's DDI call takes the unfused path.
+            weight, weight_log_det = self.mixing.weight()
+            x, log_det = ops.actnorm_invconv(x, self.actnorm.bias, self.actnorm.logs, self.actnorm.logscale_factor,
+                                             weight, weight_log_det)
+        else:
+            x, log_det = self.actnorm._forward(x)
+            x, mixing_log_det = self.mixing._forward(x)
+            log_det = log_det + mixing_log_det
+        x, coupling_log_det = self.coupling._forward(x)
+        return x, log_det + coupling_log_det
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        check_input(y, self.channels, "FlowStep.inverse", like=self.actnorm.bias)
+        return self._inverse(y)
+
+    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return self.actnorm._inverse(self.mixing._inverse(self.coupling._inverse(y)))
+
+
+class Glow(nn.Module):
+    """Multi-scale Glow: `levels` x `depth` FlowSteps, halving Split (N(0, I) prior) between levels.
+
+    image=True: input [B, C, H, W], a 2x2 squeeze before each level and convolutional coupling nets, as in Glow.
+    image=False (BERT-flow): input [B, C] (or [B, C, H, W] treated pixel-wise), MLP coupling nets, no squeeze.
+    forward(x) -> (z, log_det): z has x's shape and holds concat(factored parts..., last level's output),
+    flattened per sample; log_det excludes the prior. log_prob(x) = log N(z; 0, I) + log_det.
+    """
+
+    def __init__(self, channels: int, levels: int = 3, depth: int = 3, hidden: int = 32,
+                 coupling: str = "additive", mixing: str = "reverse", image: bool = False):
+        super().__init__()
+        if levels < 1 or depth < 1:
+            raise ValueError(f"Glow: levels and depth must be >= 1, got levels={levels}, depth={depth}")
+        if coupling not in COUPLINGS:
+            raise ValueError(f"Glow: coupling must be one of {tuple(COUPLINGS)}, got {coupling!r}")
+        if mixing not in MIXINGS:
+            raise ValueError(f"Glow: mixing must be one of {MIXINGS}, got {mixing!r}")
+        self.channels, self.image = channels, image
+        self.config = dict(channels=channels, levels=levels, depth=depth, hidden=hidden, coupling=coupling,
+                           mixing=mixing, image=image)
+        self.level_channels = []
+        c = channels
+        for level in range(levels):
+            c = c * 4 if image else c
+            if c < 2:
+                raise ValueError(f"Glow(channels={channels}, levels={levels}): level {level} would have {c} "
+                                 f"channel(s); couplings need at least 2 (use fewer levels)")
+            self.level_channels.append(c)
+            c = ops.half(c)
+        self.levels = nn.ModuleList(
+            nn.ModuleList(FlowStep(c, hidden, coupling, mixing, image) for _ in range(depth))
+            for c in self.level_channels)
+
+    @classmethod
+    def from_config(cls, config: dict, channels: int | None = None) -> "Glow":
+        """Build from this class's own config or the original BERT-flow JSON keys
+        (n_levels, depth, coupling_width, coupling, permutation)."""
+        if "n_levels" in config:
+            mixing = "reverse" if config.get("permutation", True) else "lu"
+            coupling = config.get("coupling", "additive")
+            kwargs = dict(levels=config["n_levels"], depth=config["depth"],
+                          hidden=config.get("coupling_width", 32), coupling=coupling, mixing=mixing)
+        else:
+            known = ("levels", "depth", "hidden", "coupling", "mixing", "image")
+            kwargs = {k: config[k] for k in known if k in config}
+        channels = channels if channels is not None else config.get("channels")
+        if channels is None:
+            raise ValueError("Glow.from_config: the number of channels is not in the config; pass channels=")
+        return cls(channels, **kwargs)
+
+    def _check(self, x: torch.Tensor, where: str) -> None:
+        check_input(x, self.channels, where, like=self.levels[0][0].actnorm.bias)
+        if self.image:
+            if x.dim() != 4:
+                raise ValueError(f"{where}: image=True needs [B, C, H, W] input, got shape {tuple(x.shape)}")
+            factor = 2 ** len(self.levels)
+            if x.shape[2] % factor or x.shape[3] % factor:
+                raise ValueError(f"{where}: height and width must be divisible by 2**levels = {factor}, "
+                                 f"got shape {tuple(x.shape)}")
+
+    def forward(self, x: torch.Tensor):
+        self._check(x, "Glow")
+        log_det = torch.zeros(x.shape[0], dtype=compute_dtype(x.dtype), device=x.device)
+        factored = []
+        h = x
+        for i, steps in enumerate(self.levels):
+            if self.image:
+                h = ops.squeeze2d(h)
+            for step in steps:
+                h, step_log_det = step._forward(h)
+                log_det = log_det + step_log_det
+            if i < len(self.levels) - 1:
+                h, out = ops.split_channels(h)
+                factored.append(out)
+        z = torch.cat([part.reshape(x.shape[0], -1) for part in factored + [h]], dim=1)
+        return z.reshape(x.shape), log_det
+
+    def _latent_shapes(self, shape: torch.Size):
+        """Shapes of (factored parts..., last output) for an input of `shape`."""
+        b, rest = shape[0], list(shape[2:])
+        shapes = []
+        for i, c in enumerate(self.level_channels):
+            if self.image:
+                rest = [rest[0] // 2, rest[1] // 2]
+            if i < len(self.level_channels) - 1:
+                shapes.append((b, c - ops.half(c), *rest))
+            else:
+                shapes.append((b, c, *rest))
+        return shapes
+
+    def inverse(self, z: torch.Tensor) -> torch.Tensor:
+        self._check(z, "Glow.inverse")
+        shapes = self._latent_shapes(z.shape)
+        flat = z.reshape(z.shape[0], -1)
+        sizes = [math.prod(s[1:]) for s in shapes]
+        parts = [p.reshape(s) for p, s in zip(flat.split(sizes, dim=1), shapes)]
+        h = parts[-1]
+        for i in reversed(range(len(self.levels))):
+            if i < len(self.levels) - 1:
+                h = torch.cat([h, parts[i]], dim=1)
+            for step in reversed(self.levels[i]):
+                h = step._inverse(h)
+            if self.image:
+                h = ops.unsqueeze2d(h)
+        return h
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """log p(x) per sample, [B]: N(0, I) prior of the latent plus the log-det of the flow."""
+        z, log_det = self(x)
+        return ops.gaussian_log_prob(z) + log_det
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.config.items())
