@@ -10,8 +10,6 @@ Backends:
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import functools
 import importlib
 import importlib.util
 import os
@@ -23,21 +21,12 @@ NAMES = ("torch", "triton", "cuda", "cpp")
 # Fastest first; "auto" never picks the Triton interpreter on CPU because it is ~1000x slower than eager.
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
 
-_default = "auto"
-_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("flowkern_backend", default=None)
+# A plain module global, not a ContextVar: torch.compile (dynamo) traces a global read and guards on its value,
+# so a compiled model recompiles when the backend changes, while a ContextVar read breaks the graph.
+_current = "auto"
 
 
-@functools.cache
-def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def _triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@functools.cache
-def _extension():
+def _load_extension():
     """flowkern._C if it was built, else None (the package works without it)."""
     try:
         return importlib.import_module("flowkern._C")
@@ -45,21 +34,27 @@ def _extension():
         return None
 
 
+# Facts fixed for the process, read once at import so that torch.compile traces plain constants.
+# TRITON_INTERPRET must be set before triton (and so flowkern) is imported anyway.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+_TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+_EXTENSION = _load_extension()
+
+
 def usable_on(name: str, device: torch.device) -> bool:
     """Whether backend `name` can run ops on tensors of `device`."""
     if name == "torch":
         return True
     if name == "triton":
-        if not _triton_importable():
+        if not _TRITON_INSTALLED:
             return False
         if device.type == "cuda":
             return torch.cuda.is_available()
-        return device.type == "cpu" and _triton_interpreted()
-    ext = _extension()
+        return device.type == "cpu" and _TRITON_INTERPRETED
     if name == "cuda":
-        return ext is not None and device.type == "cuda" and getattr(ext, "has_cuda", False)
+        return _EXTENSION is not None and device.type == "cuda" and getattr(_EXTENSION, "has_cuda", False)
     if name == "cpp":
-        return ext is not None and device.type == "cpu"
+        return _EXTENSION is not None and device.type == "cpu"
     return False
 
 
@@ -77,11 +72,11 @@ def backends() -> list[str]:
 
 def _why_unusable(name: str) -> str:
     if name == "triton":
-        if not _triton_importable():
+        if not _TRITON_INSTALLED:
             return "the triton package is not installed"
         return "it needs a CUDA GPU (or TRITON_INTERPRET=1 set before importing flowkern, for CPU testing)"
     if name in ("cuda", "cpp"):
-        if _extension() is None:
+        if _EXTENSION is None:
             return "the compiled extension flowkern._C is not built (see README: building the extension)"
         return "the compiled extension was built without CUDA" if name == "cuda" else "unknown reason"
     return "unknown reason"
@@ -96,25 +91,25 @@ def _check_name(name: str) -> None:
 
 def set_backend(name: str) -> None:
     """Choose the backend for all ops in this process ("auto" by default)."""
-    global _default
+    global _current
     _check_name(name)
-    _default = name
+    _current = name
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Temporarily choose the backend (per thread / async task)."""
+    """Choose the backend inside a with-block (process-wide, like set_backend), then restore the previous one."""
+    global _current
     _check_name(name)
-    token = _override.set(name)
+    previous, _current = _current, name
     try:
         yield
     finally:
-        _override.reset(token)
+        _current = previous
 
 
 def current() -> str:
-    override = _override.get()
-    return override if override is not None else _default
+    return _current
 
 
 def resolve(x: torch.Tensor, op: str, available: tuple[str, ...] = NAMES) -> str:
@@ -144,8 +139,7 @@ def kernels(name: str, family: str):
     if name == "triton":
         return importlib.import_module(f"flowkern.kernels.triton.{family}")
     if name in ("cuda", "cpp"):
-        ext = _extension()
-        if ext is None:
+        if _EXTENSION is None:
             raise RuntimeError(f"backend {name!r}: {_why_unusable(name)}")
-        return ext
+        return _EXTENSION
     raise ValueError(f"backend {name!r} has no kernels")

@@ -84,7 +84,8 @@ def read_pairs(path: str | os.PathLike, max_pairs: int | None = None, seed: int 
         for line_number, line in enumerate(f, start=2):
             fields = line.rstrip("\n").split("\t")
             if len(fields) != len(header):
-                raise ValueError(f"{path}:{line_number}: expected {len(header)} tab-separated fields, got {len(fields)}")
+                raise ValueError(f"{path}:{line_number}: expected {len(header)} tab-separated fields, "
+                                 f"got {len(fields)}")
             scores.append(float(fields[0]))
             sentences1.append(fields[1])
             sentences2.append(fields[2])

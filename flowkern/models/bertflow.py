@@ -29,7 +29,9 @@ TRANSFORM_BATCH = 8192
 
 @dataclass
 class FitReport:
-    """What one :meth:`BertFlow.fit` did: path ("fast" or "eager"), sizes, per-step losses, timings (s)."""
+    """What one :meth:`BertFlow.fit` did: path ("fast" or "eager"), sizes, per-step losses (bits/dim) and
+    timings in seconds: encode_seconds is the time spent in the encoder (fast path: encoding the distinct
+    sentences up front; eager path: every batch), flow_seconds the rest, total_seconds the whole fit."""
 
     path: str
     n_sentences: int
@@ -60,7 +62,8 @@ class BertFlow:
     ``encoder``: HuggingFace name, local directory, a :class:`SentenceEncoder` to share (its cache too),
     or None for the embedded all-MiniLM-L6-v2. ``flow``: a Glow, a Glow config dict (original JSON
     keys accepted), or None for the original code's default (3 levels, depth 3, width 32, additive
-    coupling, fixed channel reversal). ``seed`` seeds the flow's initialization when it is built here.
+    coupling, fixed channel reversal). ``seed`` seeds the flow's initialization when it is built here;
+    ``pooling``, ``max_length``, ``device`` and ``cache_dir`` apply when the encoder is built here.
     """
 
     def __init__(self, encoder: str | os.PathLike | SentenceEncoder | None = None, pooling: str = DEFAULT_POOLING,
@@ -74,6 +77,9 @@ class BertFlow:
         if not isinstance(flow, torch.nn.Module):
             with _seeded(seed, self.device):
                 flow = Glow(self.encoder.dim) if flow is None else Glow.from_config(flow, channels=self.encoder.dim)
+        if flow.config.get("channels") != self.encoder.dim:
+            raise ValueError(f"the flow has {flow.config.get('channels')} channels; the encoder's embeddings have "
+                             f"{self.encoder.dim}")
         self.flow = flow.to(self.device).eval()
 
     @property
@@ -85,11 +91,12 @@ class BertFlow:
             encode_batch_size: int = 128, progress: bool = False) -> FitReport:
         """Fit the flow by maximum likelihood (bits/dim) on unlabelled sentences; returns a FitReport.
 
-        AdamW (eps 1e-6, decoupled weight decay on every non-bias parameter, as the original's
-        AdamWeightDecayOptimizer), constant lr, global grad-norm clipping. The first batch initializes
-        ActNorm from data. Fast path: pooled embeddings of the distinct sentences are computed once and
-        cached. ``reference=True``: the original recipe, the encoder re-run on every batch padded to
-        max_length with dropout on, and the flow on the eager torch backend.
+        AdamW (eps 1e-6, decoupled weight decay on every flow parameter, as the original's
+        AdamWeightDecayOptimizer, whose LayerNorm/bias exclusions match no flow variable), constant lr,
+        global grad-norm clipping. The first batch initializes ActNorm from data. Fast path: pooled
+        embeddings of the distinct sentences are computed once and cached. ``reference=True``: the
+        original recipe, the encoder re-run on every batch padded to max_length with dropout on, and the
+        flow on the eager torch backend.
         """
         sentences = list(sentences)
         if not sentences:
@@ -114,7 +121,7 @@ class BertFlow:
                 return cached[indices.to(cached.device)]
             backend = contextlib.nullcontext()
 
-        optimizer = torch.optim.AdamW(self._parameter_groups(weight_decay), lr=lr, eps=1e-6)
+        optimizer = torch.optim.AdamW(self.flow.parameters(), lr=lr, weight_decay=weight_decay, eps=1e-6)
         shuffler = torch.Generator().manual_seed(seed)
         steps_per_epoch = math.ceil(len(sentences) / batch_size)
         losses: list[float] = []
@@ -141,13 +148,6 @@ class BertFlow:
         total = time.perf_counter() - started
         return FitReport("eager" if reference else "fast", len(sentences), len(set(sentences)), epochs, len(losses),
                          encode_seconds, total - encode_seconds, total, losses)
-
-    def _parameter_groups(self, weight_decay: float) -> list[dict]:
-        named = [(name, p) for name, p in self.flow.named_parameters() if p.requires_grad]
-        return [
-            {"params": [p for name, p in named if "bias" not in name], "weight_decay": weight_decay},
-            {"params": [p for name, p in named if "bias" in name], "weight_decay": 0.0},
-        ]
 
     def pooled(self, sentences: Sequence[str], batch_size: int = 128, progress: bool = False) -> torch.Tensor:
         """Pooled encoder embeddings [N, D] (no flow), from the cache where possible."""
@@ -210,7 +210,9 @@ class BertFlow:
 @contextlib.contextmanager
 def _seeded(seed: int, device: torch.device):
     """Seed torch's global RNGs for the block, then restore them (dropout and init draw from these)."""
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield

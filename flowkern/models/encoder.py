@@ -73,10 +73,7 @@ def pool(hidden_states: Sequence[torch.Tensor], attention_mask: torch.Tensor, po
     elif pooling == "first-last-avg":
         chosen = [layers[1], layers[-1]]
     else:
-        match = _MEAN_LAST_N.fullmatch(pooling)
-        if match is None:
-            check_pooling(pooling)
-        n = int(match.group(1))
+        n = int(_MEAN_LAST_N.fullmatch(check_pooling(pooling)).group(1))
         if n > len(layers) - 1:
             raise ValueError(f"pooling {pooling!r} needs {n} layers; the encoder has {len(layers) - 1}")
         chosen = layers[-n:]
@@ -123,9 +120,9 @@ class SentenceEncoder:
         """
         batch = self.tokenizer(list(sentences), padding="max_length" if reference else True, truncation=True,
                                max_length=self.max_length, return_tensors="pt").to(self.device)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and not reference)
         self.model.train(reference)
         try:
-            autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and not reference)
             with torch.no_grad(), autocast:
                 outputs = self.model(**batch, output_hidden_states=True)
         finally:
@@ -158,7 +155,8 @@ class SentenceEncoder:
 
     def _encode_into_cache(self, sentences: list[str], batch_size: int, progress: bool) -> None:
         # Sorting by tokenized length keeps padding, and so wasted compute, small.
-        lengths = [len(ids) for ids in self.tokenizer(sentences, truncation=True, max_length=self.max_length)["input_ids"]]
+        token_ids = self.tokenizer(sentences, truncation=True, max_length=self.max_length)["input_ids"]
+        lengths = [len(ids) for ids in token_ids]
         order = sorted(range(len(sentences)), key=lengths.__getitem__)
         starts = range(0, len(order), batch_size)
         for start in tqdm(starts, desc="encoding", unit="batch", disable=not progress):

@@ -57,7 +57,9 @@ def evaluate_pairs(embed: Embedder, pairs: StsPairs, task: str = "") -> TaskScor
     for name in dict.fromkeys(pairs.subsets):
         rows = np.flatnonzero(names == name)
         sizes[name] = len(rows)
-        per_subset[name] = spearman_cosine(first[rows], second[rows], pairs.scores[rows]) if len(rows) > 1 else float("nan")
+        # A subset cut down to one pair (by max_pairs) has no correlation; it is left out of wmean.
+        per_subset[name] = (spearman_cosine(first[rows], second[rows], pairs.scores[rows]) if len(rows) > 1
+                            else float("nan"))
     scored = [name for name in per_subset if np.isfinite(per_subset[name])]
     wmean = sum(per_subset[s] * sizes[s] for s in scored) / sum(sizes[s] for s in scored) if scored else float("nan")
     return TaskScore(task, overall, float(wmean), n, per_subset)

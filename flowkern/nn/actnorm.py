@@ -30,12 +30,16 @@ class ActNorm(nn.Module):
     def _forget_initialized(self) -> None:
         self._known_initialized = False
 
+    def ddi_pending(self) -> bool:
+        """Whether the next call may run the data-dependent init (only the unfused ActNorm forward does it)."""
+        return self.training and not self._known_initialized
+
     def forward(self, x: torch.Tensor):
         check_input(x, self.channels, "ActNorm", like=self.bias)
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor):
-        if self.training and not self._known_initialized:
+        if self.ddi_pending():
             if not bool(self.initialized):
                 self.data_init(x)
             self._known_initialized = True

@@ -6,13 +6,7 @@ from torch import nn
 from .. import ops
 from .._checks import check_input
 from ..ops.mlp_coupling import MAX_FUSED_HIDDEN
-from .actnorm import ActNorm
 from .subnets import LOGSCALE_FACTOR, ConvSubnet, MLPSubnet
-
-
-def _ddi_pending(actnorm: ActNorm) -> bool:
-    """Whether actnorm's next call may run its data-dependent init, which only its own (unfused) forward does."""
-    return actnorm.training and not actnorm._known_initialized
 
 
 class _Coupling(nn.Module):
@@ -50,7 +44,9 @@ class _Coupling(nn.Module):
         """The MLP subnet's parameters for ops.mlp_coupling, or None where the unfused path must run: other
         subnets, [B, C, H, W] data, and the first training call, whose subnet ActNorms may still need their DDI."""
         net = self.subnet
-        if not self._builtin_mlp or x.dim() != 2 or _ddi_pending(net.actnorm1) or _ddi_pending(net.actnorm2):
+        if not self._builtin_mlp or type(net) is not MLPSubnet or x.dim() != 2:
+            return None
+        if net.actnorm1.ddi_pending() or net.actnorm2.ddi_pending():
             return None
         if not net.actnorm1.logscale_factor == net.actnorm2.logscale_factor == LOGSCALE_FACTOR:
             return None

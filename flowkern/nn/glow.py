@@ -8,14 +8,18 @@ from torch import nn
 from .. import ops
 from .._checks import check_input, compute_dtype
 from .actnorm import ActNorm
-from .coupling import AdditiveCoupling, AffineCoupling, _ddi_pending
+from .coupling import AdditiveCoupling, AffineCoupling
 from .invconv import MIXINGS, InvConv1x1
 
 COUPLINGS = {"additive": AdditiveCoupling, "affine": AffineCoupling}
 
 
 class FlowStep(nn.Module):
-    """ActNorm -> invertible 1x1 conv (or fixed permutation) -> coupling."""
+    """ActNorm -> invertible 1x1 conv (or fixed permutation) -> coupling.
+
+    With mixing="lu", ActNorm and the 1x1 conv run as one op (ops.actnorm_invconv: a single GEMM on kernel
+    backends) once ActNorm is initialized; its data-dependent init runs on the unfused path.
+    """
 
     def __init__(self, channels: int, hidden: int = 32, coupling: str = "additive", mixing: str = "reverse",
                  image: bool = False, subnet: nn.Module | None = None):
@@ -32,7 +36,7 @@ class FlowStep(nn.Module):
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor):
-        if self.mixing.mixing == "lu" and not _ddi_pending(self.actnorm):
+        if self.mixing.mixing == "lu" and not self.actnorm.ddi_pending():
             # ActNorm folded into the 1x1 convolution (one GEMM); the ActNorm's DDI call takes the unfused path.
             weight, weight_log_det = self.mixing.weight()
             x, log_det = ops.actnorm_invconv(x, self.actnorm.bias, self.actnorm.logs, self.actnorm.logscale_factor,

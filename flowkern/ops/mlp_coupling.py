@@ -129,12 +129,22 @@ _mlp_coupling_inv.register_autograd(_mlp_coupling_inv_backward, setup_context=_s
 
 # ---- public entry points ----
 
-def _check_fusable(x1: torch.Tensor, w1: torch.Tensor, where: str) -> None:
-    if x1.dim() != 2:
-        raise ValueError(f"{where}: fused MLP coupling takes [B, C] data, got x1 of shape {tuple(x1.shape)}")
-    if w1.shape[0] > MAX_FUSED_HIDDEN:
+def _check_fusable(x1, other, w1, b1, l1, w2, b2, l2, w3, b3, l3, affine: bool, where: str) -> None:
+    """Shapes are checked here, not in the kernels, which would read out of bounds on a mismatch."""
+    if x1.dim() != 2 or other.dim() != 2 or x1.shape[0] != other.shape[0]:
+        raise ValueError(f"{where}: fused MLP coupling takes [B, C1] and [B, C2] data, got shapes "
+                         f"{tuple(x1.shape)} and {tuple(other.shape)}")
+    hidden, outputs = w1.shape[0], other.shape[1] * (2 if affine else 1)
+    expected = [(hidden, x1.shape[1]), (hidden,), (hidden,), (hidden, hidden), (hidden,), (hidden,),
+                (outputs, hidden), (outputs,), (outputs,)]
+    actual = [tuple(p.shape) for p in (w1, b1, l1, w2, b2, l2, w3, b3, l3)]
+    if actual != expected:
+        raise ValueError(f"{where}: subnet parameter shapes {actual} do not fit x1 {tuple(x1.shape)} and "
+                         f"{'affine' if affine else 'additive'} coupling of {other.shape[1]} channels; "
+                         f"expected {expected}")
+    if hidden > MAX_FUSED_HIDDEN:
         raise ValueError(f"{where}: kernel backends fuse MLP subnets of hidden width <= {MAX_FUSED_HIDDEN}, "
-                         f"got {w1.shape[0]}; use the unfused ops (coupling after the subnet)")
+                         f"got {hidden}; use the unfused ops (coupling after the subnet)")
 
 
 def mlp_coupling(x1: torch.Tensor, x2: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, l1: torch.Tensor,
@@ -146,7 +156,7 @@ def mlp_coupling(x1: torch.Tensor, x2: torch.Tensor, w1: torch.Tensor, b1: torch
     ZeroLinear with O = C2 (additive) or 2*C2 (affine). Every scale is exp(logscale_factor * l). The returned z2
     excludes x1: the coupling's output is cat([x1, z2]).
     """
-    _check_fusable(x1, w1, "mlp_coupling")
+    _check_fusable(x1, x2, w1, b1, l1, w2, b2, l2, w3, b3, l3, affine, "mlp_coupling")
     impl = backend.resolve(x2, "mlp_coupling", ("torch",) + _KERNEL_BACKENDS)
     if impl == "torch":
         return mlp_coupling_ref(x1, x2, w1, b1, l1, w2, b2, l2, w3, b3, l3, affine, logscale_factor)
@@ -157,7 +167,7 @@ def mlp_coupling_inverse(x1: torch.Tensor, z2: torch.Tensor, w1: torch.Tensor, b
                          l1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, l2: torch.Tensor, w3: torch.Tensor,
                          b3: torch.Tensor, l3: torch.Tensor, affine: bool, logscale_factor: float = 3.0):
     """x2 with mlp_coupling(x1, x2, ...)[0] = z2 (x1 passes through a coupling unchanged)."""
-    _check_fusable(x1, w1, "mlp_coupling_inverse")
+    _check_fusable(x1, z2, w1, b1, l1, w2, b2, l2, w3, b3, l3, affine, "mlp_coupling_inverse")
     impl = backend.resolve(z2, "mlp_coupling_inverse", ("torch",) + _KERNEL_BACKENDS)
     if impl == "torch":
         return mlp_coupling_inverse_ref(x1, z2, w1, b1, l1, w2, b2, l2, w3, b3, l3, affine, logscale_factor)

@@ -1,45 +1,14 @@
-"""Fixtures: a tiny randomly initialised BertModel + WordPiece tokenizer on disk, and the STS data dir."""
+"""Fixtures: the tiny random BERT on disk and the STS data directory."""
 
 from __future__ import annotations
 
-import json
 import os
-import string
 from pathlib import Path
 
 import pytest
+import torch
 
-# Common words of the STS sentences, so that a random bag-of-embeddings model already tracks word overlap;
-# any other word falls back to single-character WordPiece pieces.
-WORDS = """the a an is are was were be to of and in on at with for by from man woman men women person people
-boy girl child children dog cat horse bird animal playing plays play riding rides ride running runs run
-walking walks walk eating eats eat cutting cuts cut cooking slicing dancing singing swimming sitting standing
-jumping driving car bike ball guitar piano flute water grass street field beach snow road table food onion
-potato meat egg tomato hat shirt red black white blue green two three some his her their it its this that
-there into up down over under near not no new said says say year years percent police president state
-killed attack people's he she they we you i what how who which when where why do does did has have had
-young old large small big little""".split()
-
-TINY_CONFIG = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                   max_position_embeddings=80)
-
-
-def write_tiny_bert(directory: Path, seed: int = 0) -> Path:
-    """Save a random BertModel and a lower-casing WordPiece tokenizer (vocab.txt) to ``directory``."""
-    import torch
-    from transformers import BertConfig, BertModel
-
-    characters = string.ascii_lowercase + string.digits
-    vocab = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(characters + string.punctuation)
-             + [f"##{c}" for c in characters] + sorted(set(WORDS)))
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    (directory / "tokenizer_config.json").write_text(
-        json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 80}),
-        encoding="utf-8")
-    torch.manual_seed(seed)
-    BertModel(BertConfig(vocab_size=len(vocab), **TINY_CONFIG)).save_pretrained(directory)
-    return directory
+from tests.models.tiny_bert import write_tiny_bert
 
 
 @pytest.fixture(scope="session")
@@ -55,3 +24,13 @@ def sts_data_dir() -> Path:
     if not (path / "stsb-test.tsv.gz").is_file():
         pytest.skip(f"STS data not found at {path}; set FLOWKERN_DATA")
     return path
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared CPU idle-spinning threads slow
+    these tests several fold; restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -5,13 +5,19 @@ import math
 
 import torch
 
-# Odd sizes; 4-D shapes use small odd H x W. (100, 130) makes the interpreted backward walk several row blocks
-# per program, and (2, 130, 3, 5) splits each row of a reduction over several programs.
-SHAPES = [(1, 6), (3, 10), (33, 130), (100, 130), (3, 6, 3, 5), (1, 10, 3, 5), (2, 130, 3, 5)]
+# Odd sizes; 4-D shapes use small odd H x W. Under the interpreter's few programs, (100, 130) makes the ActNorm
+# backward walk several row blocks per program, (33, 10, 3, 5) gives its parameter-gradient reduction several
+# chunks, and (2, 130, 3, 5) splits each row of the log-det / prior reductions over several programs.
+SHAPES = [(1, 6), (3, 10), (33, 130), (100, 130), (3, 6, 3, 5), (1, 10, 3, 5), (33, 10, 3, 5), (2, 130, 3, 5)]
 # contiguous; a channel slice of a wider tensor (the coupling halves); a transposed [B, C] or a channels_last
 # [B, C, H, W]. make() also offers "spatially_transposed" (H, W swapped: the one layout the kernels copy).
 LAYOUTS = ["contiguous", "sliced", "strided"]
 LOW_PRECISION = [torch.float16, torch.bfloat16]
+# The compiled kernels on odd sizes and layouts (gpu-marked). With a GPU's many programs, (20000, 130) is where
+# the ActNorm backward walks several row blocks per program and its parameter-gradient reduction several chunks,
+# (1000, 10, 5, 5) the same with pixels, and (2, 130, 3, 5) splits rows of the log-det / prior reductions.
+GPU_ODD_SHAPES = [(33, 130), (20000, 130), (1000, 10, 5, 5), (2, 130, 3, 5)]
+GPU_DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 
 # (rtol, atol) for values stored in each dtype; reductions and log-dets are fp32 whatever the input dtype.
 _TOLERANCE = {

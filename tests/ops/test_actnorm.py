@@ -8,8 +8,8 @@ import flowkern
 from flowkern import ops
 from flowkern.ops.actnorm import actnorm_inverse_ref, actnorm_ref
 from tests.conftest import KERNEL_BACKENDS
-from tests.ops.kernel_cases import (LAYOUTS, LOW_PRECISION, SHAPES, assert_close, device_for, grad_dtype, make,
-                                    pixels)
+from tests.ops.kernel_cases import (GPU_DTYPES, GPU_ODD_SHAPES, LAYOUTS, LOW_PRECISION, SHAPES, assert_close,
+                                    device_for, grad_dtype, make, pixels)
 
 FACTOR = 3.0
 
@@ -88,6 +88,13 @@ def test_unmergeable_spatial_strides_and_float64_parameters(impl):
 
 
 @pytest.mark.parametrize("impl", KERNEL_BACKENDS)
+def test_parameter_gradients_over_many_pixels(impl):
+    """144 pixels per channel: the reduction of the per-program partials takes several chunks per channel."""
+    device = device_for(impl)
+    _check_forward_backward(impl, make((3, 4, 12, 12), device=device), *_params(4, device))
+
+
+@pytest.mark.parametrize("impl", KERNEL_BACKENDS)
 @pytest.mark.parametrize("shape", [(33, 130), (2, 10, 3, 5)])
 def test_broadcast_upstream_gradients(impl, shape):
     """loss = y.sum() + log_det.sum() hands the backward stride-0 (expanded) gradients."""
@@ -163,8 +170,6 @@ def test_custom_ops_compile_without_graph_breaks(impl):
         torch.testing.assert_close(grad, grad_expected)
 
 
-@pytest.mark.xfail(strict=True, reason="flowkern.backend.current() reads a ContextVar, which dynamo cannot trace; "
-                                        "drop this mark once backend.py is compile-friendly")
 @pytest.mark.parametrize("impl", KERNEL_BACKENDS)
 def test_dispatcher_compiles_without_graph_breaks(impl):
     device = device_for(impl)
@@ -173,6 +178,16 @@ def test_dispatcher_compiles_without_graph_breaks(impl):
     flowkern.set_backend(impl)
     compiled = torch.compile(_train_step_loss, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x, bias, logs), _train_step_loss(x, bias, logs))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", KERNEL_BACKENDS)
+@pytest.mark.parametrize("shape", GPU_ODD_SHAPES)
+@pytest.mark.parametrize("layout", ["sliced", "strided"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_gpu_odd_shapes_and_layouts(impl, shape, layout, dtype):
+    params = _params(shape[1], "cuda", grad_dtype(dtype))
+    _check_forward_backward(impl, make(shape, dtype, layout, device="cuda"), *params, grad_layout=layout)
 
 
 @pytest.mark.gpu

@@ -8,8 +8,8 @@ import flowkern
 from flowkern import ops
 from flowkern.ops.coupling import coupling_inverse_ref, coupling_ref
 from tests.conftest import KERNEL_BACKENDS
-from tests.ops.kernel_cases import (LAYOUTS, LOW_PRECISION, SHAPES, assert_close, device_for, grad_dtype, make,
-                                    pixels)
+from tests.ops.kernel_cases import (GPU_DTYPES, GPU_ODD_SHAPES, LAYOUTS, LOW_PRECISION, SHAPES, assert_close,
+                                    device_for, grad_dtype, make)
 
 KINDS = {"additive": False, "affine": True}
 
@@ -173,6 +173,17 @@ def test_custom_ops_compile_without_graph_breaks(impl):
     grads = torch.autograd.grad(compiled(x2, h), [x2, h])
     for grad, grad_expected in zip(grads, torch.autograd.grad(loss(x2, h), [x2, h])):
         torch.testing.assert_close(grad, grad_expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", KERNEL_BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", GPU_ODD_SHAPES)
+@pytest.mark.parametrize("layout", ["sliced", "strided"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_gpu_odd_shapes_and_layouts(impl, kind, shape, layout, dtype):
+    x2, h = _inputs(shape, KINDS[kind], dtype, layout, "cuda")
+    _check_forward_backward(impl, x2, h, KINDS[kind], grad_layout=layout)
 
 
 @pytest.mark.gpu

@@ -8,7 +8,8 @@ import flowkern
 from flowkern import ops
 from flowkern.ops.prior import gaussian_log_prob_ref
 from tests.conftest import KERNEL_BACKENDS
-from tests.ops.kernel_cases import LAYOUTS, LOW_PRECISION, SHAPES, assert_close, device_for, grad_dtype, make
+from tests.ops.kernel_cases import (GPU_DTYPES, GPU_ODD_SHAPES, LAYOUTS, LOW_PRECISION, SHAPES, assert_close,
+                                    device_for, grad_dtype, make)
 
 
 def _check_forward_backward(impl: str, z: torch.Tensor) -> None:
@@ -81,6 +82,15 @@ def test_custom_ops_compile_without_graph_breaks(impl):
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
     grad, = torch.autograd.grad(compiled(z), z)
     torch.testing.assert_close(grad, torch.autograd.grad(loss(z), z)[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", KERNEL_BACKENDS)
+@pytest.mark.parametrize("shape", GPU_ODD_SHAPES)
+@pytest.mark.parametrize("layout", ["sliced", "strided"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_gpu_odd_shapes_and_layouts(impl, shape, layout, dtype):
+    _check_forward_backward(impl, make(shape, dtype, layout, scale=2.0, device="cuda"))
 
 
 @pytest.mark.gpu

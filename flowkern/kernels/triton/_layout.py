@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-# Elements per program tile: 16 rows x 256 columns keeps 16-byte vector loads with enough bytes in flight per SM.
+# Elements per program tile: 16 rows x 256 columns keeps 16-byte vector loads with enough bytes in flight per SM;
+# 8 warps (16 elements a thread) keep the affine kernels near 128 registers a thread (4 warps need ~230).
 TILE_ELEMENTS = 4096
 MAX_BLOCK_COLUMNS = 256
 # Under the interpreter every program costs ~1 ms, so only a few; still more than one, so the partial-sum
@@ -73,9 +74,13 @@ def compute_type(dtype: torch.dtype):
 def blocks(rows: int, columns: int) -> tuple[int, int]:
     """(BLOCK_B, BLOCK_N) for a rows x columns problem: power-of-two tiles of about TILE_ELEMENTS elements."""
     block_n = min(triton.next_power_of_2(columns), MAX_BLOCK_COLUMNS)
-    # At least 2 rows: a size-1 arange is avoided on purpose (it has tripped Triton's layout passes before).
+    # At least 2 rows, so a tile is never a single-row arange (a shape compiled nowhere else in these kernels).
     block_b = max(2, min(triton.next_power_of_2(rows), TILE_ELEMENTS // block_n))
     return block_b, block_n
+
+
+def warps(block_b: int, block_n: int) -> int:
+    return 8 if block_b * block_n >= TILE_ELEMENTS else 4
 
 
 @functools.cache

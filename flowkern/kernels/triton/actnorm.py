@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import accumulate_dtype, as_rows, blocks, compute_type, inner_contiguous, sample_offsets, strides, target_programs
+from ._layout import (accumulate_dtype, as_rows, blocks, compute_type, inner_contiguous, sample_offsets, strides,
+                      target_programs, warps)
 
 
 @triton.jit
@@ -100,7 +101,7 @@ def _actnorm_param_grads_kernel(partial_ptr, dld_ptr, dbias_ptr, dlogs_ptr, grou
     N = C * P
     sum_dbias = tl.zeros([BLOCK_R, BLOCK_C], dtype=COMPUTE)
     sum_dlogs = tl.zeros([BLOCK_R, BLOCK_C], dtype=COMPUTE)
-    for r0 in range(0, P, BLOCK_R):
+    for r0 in range(0, groups * P, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)   # r = g * P + p
         offsets = (r // P).to(tl.int64)[:, None] * 2 * N + channels[None, :] * P + (r % P)[:, None]
         mask = (r < groups * P)[:, None] & channel_mask[None, :]
@@ -119,6 +120,7 @@ def _actnorm_param_grads_kernel(partial_ptr, dld_ptr, dbias_ptr, dlogs_ptr, grou
 def _apply(x: torch.Tensor, bias: torch.Tensor, logs: torch.Tensor, logscale_factor: float,
            inverse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     x3, pixels = as_rows(x)
+    bias, logs = bias.contiguous(), logs.contiguous()
     batch, channels = x.shape[0], x.shape[1]
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     log_det = None if inverse else torch.empty(batch, dtype=accumulate_dtype(x.dtype), device=x.device)
@@ -128,7 +130,8 @@ def _apply(x: torch.Tensor, bias: torch.Tensor, logs: torch.Tensor, logscale_fac
         x3, bias, logs, out, out if log_det is None else log_det,
         batch, channels, pixels, *strides(x3), float(logscale_factor),
         INVERSE=inverse, INNER_CONTIGUOUS=inner_contiguous(x3), COMPUTE=compute_type(x.dtype),
-        BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_C=min(triton.next_power_of_2(channels), 1024))
+        BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_C=min(triton.next_power_of_2(channels), 1024),
+        num_warps=warps(block_b, block_n))
     return out, log_det
 
 
@@ -150,6 +153,7 @@ def actnorm_bwd(grad_y: torch.Tensor, grad_log_det: torch.Tensor, x: torch.Tenso
     """(grad_x, grad_bias, grad_logs) from the forward's input x (y is recomputed, not stored)."""
     x3, pixels = as_rows(x)
     dy3, _ = as_rows(grad_y)
+    bias, logs = bias.contiguous(), logs.contiguous()
     batch, channels = x.shape[0], x.shape[1]
     columns = channels * pixels
     block_b, block_n = blocks(batch, columns)
@@ -166,13 +170,15 @@ def actnorm_bwd(grad_y: torch.Tensor, grad_log_det: torch.Tensor, x: torch.Tenso
         dy3, x3, bias, logs, grad_x, partial, batch, channels, pixels, *strides(dy3), *strides(x3),
         float(logscale_factor), rows_per_program,
         DY_INNER_CONTIGUOUS=inner_contiguous(dy3), X_INNER_CONTIGUOUS=inner_contiguous(x3), COMPUTE=compute,
-        BLOCK_B=block_b, BLOCK_N=block_n)
+        BLOCK_B=block_b, BLOCK_N=block_n, num_warps=warps(block_b, block_n))
 
-    grad_bias = torch.empty_like(bias, memory_format=torch.contiguous_format)
-    grad_logs = torch.empty_like(logs, memory_format=torch.contiguous_format)
-    block_c = min(triton.next_power_of_2(channels), 128)
+    grad_bias, grad_logs = torch.empty_like(bias), torch.empty_like(logs)
+    if pixels == 1:   # partial columns are channels: a block of channels per program, loads along channels
+        block_c, block_r = min(triton.next_power_of_2(channels), 128), max(2, min(triton.next_power_of_2(groups), 32))
+    else:             # each channel owns P adjacent columns: two channels per program, loads along pixels
+        block_c, block_r = 2, max(2, min(triton.next_power_of_2(groups * pixels), 128))
     _actnorm_param_grads_kernel[(triton.cdiv(channels, block_c),)](
         partial, grad_log_det, grad_bias, grad_logs, groups, batch, channels, pixels, grad_log_det.stride(0),
-        float(logscale_factor), COMPUTE=compute, BLOCK_R=max(2, min(triton.next_power_of_2(groups * pixels), 32)),
-        BLOCK_C=block_c, BLOCK_LD=max(2, min(triton.next_power_of_2(batch), 1024)))
+        float(logscale_factor), COMPUTE=compute, BLOCK_R=block_r, BLOCK_C=block_c,
+        BLOCK_LD=max(2, min(triton.next_power_of_2(batch), 1024)))
     return grad_x, grad_bias, grad_logs

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ._layout import (accumulate_dtype, as_rows, blocks, column_splits, compute_type, inner_contiguous,
-                      sample_offsets, strides)
+                      sample_offsets, strides, warps)
 
 
 @triton.jit
@@ -155,7 +155,7 @@ def _apply(x: torch.Tensor, h: torch.Tensor, affine: bool, inverse: bool) -> tup
         *strides(x3), *strides(h3), columns_per_split,
         AFFINE=affine, INVERSE=inverse, X_INNER_CONTIGUOUS=inner_contiguous(x3),
         H_INNER_CONTIGUOUS=inner_contiguous(h3), H_INTERLEAVED=affine and _interleaved(h3, pixels),
-        COMPUTE=compute_type(x.dtype), BLOCK_B=block_b, BLOCK_N=block_n)
+        COMPUTE=compute_type(x.dtype), BLOCK_B=block_b, BLOCK_N=block_n, num_warps=warps(block_b, block_n))
     if inverse:
         return out, None
     if log_det_partial is None:   # additive: volume preserving
@@ -191,5 +191,6 @@ def coupling_bwd(grad_z2: torch.Tensor, grad_log_det: torch.Tensor, x2: torch.Te
         dz3, grad_log_det, x3, h3, grad_x2, grad_h, batch, x2.shape[1], pixels, *strides(dz3),
         grad_log_det.stride(0), *strides(x3), *strides(h3),
         DZ_INNER_CONTIGUOUS=inner_contiguous(dz3), X_INNER_CONTIGUOUS=inner_contiguous(x3),
-        H_INTERLEAVED=_interleaved(h3, pixels), DH_INTERLEAVED=pixels == 1, COMPUTE=compute_type(x2.dtype), BLOCK_B=block_b, BLOCK_N=block_n)
+        H_INTERLEAVED=_interleaved(h3, pixels), DH_INTERLEAVED=pixels == 1, COMPUTE=compute_type(x2.dtype),
+        BLOCK_B=block_b, BLOCK_N=block_n, num_warps=warps(block_b, block_n))
     return grad_x2, grad_h

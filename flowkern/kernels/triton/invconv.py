@@ -8,9 +8,9 @@ Matrix products use tl.dot: IEEE fp32 (or fp64) when the data are fp32/fp64, so 
 to ~1e-6; TF32 tensor cores when the data are fp16/bf16, whose own rounding (2^-11 / 2^-8) dominates TF32's.
 
 The inverse has no kernel of its own: flowkern.ops.invconv builds W^-1 from triangular solves on the LU factors in
-float64 (cached in eval mode by InvConv1x1) and runs `invconv_fwd` with it. W^-1 costs O(C^3) once per weight
-update, after which the inverse is the same parallel GEMM as the forward; a blocked triangular solve on the
-activations would serialize over C / BLOCK diagonal blocks per call and still need the same flops.
+float64 (never an inverse in low precision; cached in eval mode by InvConv1x1) and runs `invconv_fwd` with it.
+W^-1 costs O(C^3) once per weight update, after which the inverse is the forward's fully parallel GEMM; blocked
+triangular solves on the activations would do the same N*C^2 work on every call, but as C / BLOCK dependent steps.
 """
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ import triton
 import triton.language as tl
 
 from ..._checks import compute_dtype
-# _layout also makes the CPU interpreter accept runtime loop bounds (NumPy >= 2.4), which these kernels need.
-from ._layout import compute_type as _acc_type
+from ._layout import compute_type, target_programs  # importing _layout also fixes interpreter loop bounds
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision for data of `dtype` (see the module docstring)."""
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
 
 
@@ -31,15 +31,23 @@ def _on_gpu(t: torch.Tensor) -> bool:
     return t.device.type == "cuda"
 
 
-# Block sizes: GPU tiles for tensor cores; on the CPU interpreter (tests) small grids cost the least time.
-def _gemm_blocks(t: torch.Tensor) -> dict:
-    if _on_gpu(t):
-        return dict(BLOCK_N=64, BLOCK_CO=64, BLOCK_K=32, num_warps=4, num_stages=3)
+# Block sizes. GPU: chosen so that ptxas (sm_90) reports no register spills for bf16/fp16 (TF32 dots) and fp32
+# (IEEE dots, FMA layouts) data; the dW kernel contracts over rows, 16 at a time, since wider IEEE contractions
+# spill. Interpreter (CPU tests): wide tiles, since every program costs ~1 ms.
+def _gemm_blocks(on_gpu: bool) -> dict:
+    if on_gpu:
+        return dict(BLOCK_N=64, BLOCK_CO=64, BLOCK_K=32, num_warps=8, num_stages=3)
     return dict(BLOCK_N=32, BLOCK_CO=64, BLOCK_K=64)
 
 
-def _square_block(t: torch.Tensor) -> dict:
-    return dict(BLOCK=64, BLOCK_K=32, num_warps=4) if _on_gpu(t) else dict(BLOCK=64, BLOCK_K=64)
+def _weight_grad_blocks(on_gpu: bool) -> dict:
+    if on_gpu:
+        return dict(BLOCK_N=16, BLOCK_CO=64, BLOCK_K=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_N=32, BLOCK_CO=64, BLOCK_K=64)
+
+
+def _square_block(on_gpu: bool) -> dict:
+    return dict(BLOCK=64, BLOCK_K=16, num_warps=4) if on_gpu else dict(BLOCK=64, BLOCK_K=64)
 
 
 def _as_rows(x: torch.Tensor) -> tuple[int, int, int, tuple[int, int, int, int]]:
@@ -59,7 +67,8 @@ def _row_offsets(rows, S, W, stride_b, stride_h, stride_w):
 
 
 @triton.jit
-def _actnorm_scale(bias_ptr, logs_ptr, k, k_mask, logscale_factor, ACC: tl.constexpr):
+def actnorm_scale(bias_ptr, logs_ptr, k, k_mask, logscale_factor, ACC: tl.constexpr):
+    """(bias, exp(f * logs)) at channels k; masked-off channels get bias 0 and scale 1 (padding stays 0)."""
     bias = tl.load(bias_ptr + k, mask=k_mask, other=0.0).to(ACC)
     scale = tl.exp(logscale_factor * tl.load(logs_ptr + k, mask=k_mask, other=0.0).to(ACC))
     return bias, scale
@@ -82,7 +91,7 @@ def _mix_rows_kernel(x_ptr, w_ptr, bias_ptr, logs_ptr, y_ptr, N, C, S, W,
         x = tl.load(x_ptr + x_rows[:, None] + k[None, :] * x_sc, mask=row_mask[:, None] & k_mask[None, :],
                     other=0.0).to(ACC)
         if HAS_ACTNORM:
-            bias, scale = _actnorm_scale(bias_ptr, logs_ptr, k, k_mask, logscale_factor, ACC)
+            bias, scale = actnorm_scale(bias_ptr, logs_ptr, k, k_mask, logscale_factor, ACC)
             x = (x + bias[None, :]) * scale[None, :]
         w_t = tl.load(w_ptr + k[:, None] * w_s1 + co[None, :] * w_s0, mask=k_mask[:, None] & co_mask[None, :],
                       other=0.0).to(ACC)
@@ -116,7 +125,7 @@ def _mix_rows_input_grad_kernel(dy_ptr, w_ptr, x_ptr, bias_ptr, logs_ptr, dx_ptr
     mask = row_mask[:, None] & k_mask[None, :]
     dx = acc
     if HAS_ACTNORM:
-        bias, scale = _actnorm_scale(bias_ptr, logs_ptr, k, k_mask, logscale_factor, ACC)
+        bias, scale = actnorm_scale(bias_ptr, logs_ptr, k, k_mask, logscale_factor, ACC)
         x_rows = _row_offsets(rows, S, W, x_sb, x_sh, x_sw)
         x = tl.load(x_ptr + x_rows[:, None] + k[None, :] * x_sc, mask=mask, other=0.0).to(ACC)
         normed = (x + bias[None, :]) * scale[None, :]
@@ -139,7 +148,7 @@ def _mix_rows_weight_grad_kernel(dy_ptr, x_ptr, bias_ptr, logs_ptr, dw_part_ptr,
     split = tl.program_id(2)
     co_mask, k_mask = co < C, k < C
     if HAS_ACTNORM:
-        bias, scale = _actnorm_scale(bias_ptr, logs_ptr, k, k_mask, logscale_factor, ACC)
+        bias, scale = actnorm_scale(bias_ptr, logs_ptr, k, k_mask, logscale_factor, ACC)
     acc = tl.zeros((BLOCK_CO, BLOCK_K), dtype=ACC)
     first = split * rows_per_program
     for n0 in range(first, first + rows_per_program, BLOCK_N):
@@ -163,9 +172,15 @@ def _weight_grad_splits(n: int, tiles: int, t: torch.Tensor) -> int:
     on a GPU enough programs to fill it, ranges of at least 512 rows; on the interpreter 64-row ranges, so that
     small tests exercise several partials."""
     if _on_gpu(t):
-        target = 4 * torch.cuda.get_device_properties(t.device).multi_processor_count
-        return max(1, min(triton.cdiv(n, 512), triton.cdiv(target, tiles)))
+        return max(1, min(triton.cdiv(n, 512), triton.cdiv(target_programs(t.device), tiles)))
     return triton.cdiv(n, 64)
+
+
+def _channel_vectors(bias: torch.Tensor | None, logs: torch.Tensor | None, weight: torch.Tensor):
+    """ActNorm's per-channel vectors as the kernels read them (contiguous; tiny), or placeholders without ActNorm."""
+    if bias is None:
+        return weight, weight
+    return bias.contiguous(), logs.contiguous()
 
 
 def _mix_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, logs: torch.Tensor | None,
@@ -174,12 +189,13 @@ def _mix_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     n, s, w, x_strides = _as_rows(x)
     c = x.shape[1]
     has_actnorm = bias is not None
-    blocks = _gemm_blocks(x)
+    bias_arg, logs_arg = _channel_vectors(bias, logs, weight)
+    blocks = _gemm_blocks(_on_gpu(x))
     grid = (triton.cdiv(n, blocks["BLOCK_N"]), triton.cdiv(c, blocks["BLOCK_CO"]))
-    _mix_rows_kernel[grid](x, weight, bias if has_actnorm else weight, logs if has_actnorm else weight, y,
+    _mix_rows_kernel[grid](x, weight, bias_arg, logs_arg, y,
                            n, c, s, w, *x_strides, *_as_rows(y)[3], weight.stride(0), weight.stride(1),
-                           logscale_factor, HAS_ACTNORM=has_actnorm, ACC=_acc_type(x.dtype),
-                           PRECISION=_dot_precision(x.dtype), **blocks)
+                           logscale_factor, HAS_ACTNORM=has_actnorm, ACC=compute_type(x.dtype),
+                           PRECISION=dot_precision(x.dtype), **blocks)
     return y
 
 
@@ -191,18 +207,19 @@ def _mix_rows_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     dy_strides, dx_strides = _as_rows(dy)[3], _as_rows(dx)[3]
     c = x.shape[1]
     has_actnorm = bias is not None
-    acc_dtype, precision = _acc_type(x.dtype), _dot_precision(x.dtype)
+    acc_dtype, precision = compute_type(x.dtype), dot_precision(x.dtype)
     part_dtype = compute_dtype(x.dtype)
-    blocks = _gemm_blocks(x)
+    blocks = _gemm_blocks(_on_gpu(x))
     row_blocks = triton.cdiv(n, blocks["BLOCK_N"])
     dbias_part = x.new_empty((row_blocks, c) if has_actnorm else (1,), dtype=part_dtype)
     dlogs_part = torch.empty_like(dbias_part)
-    bias_arg, logs_arg = (bias, logs) if has_actnorm else (weight, weight)
+    bias_arg, logs_arg = _channel_vectors(bias, logs, weight)
     _mix_rows_input_grad_kernel[(row_blocks, triton.cdiv(c, blocks["BLOCK_K"]))](
         dy, weight, x, bias_arg, logs_arg, dx, dbias_part, dlogs_part, n, c, s, w,
         *dy_strides, *x_strides, *dx_strides, weight.stride(0), weight.stride(1), logscale_factor,
         HAS_ACTNORM=has_actnorm, ACC=acc_dtype, PRECISION=precision, **blocks)
 
+    blocks = _weight_grad_blocks(_on_gpu(x))
     tiles = triton.cdiv(c, blocks["BLOCK_CO"]) * triton.cdiv(c, blocks["BLOCK_K"])
     splits = _weight_grad_splits(n, tiles, x)
     rows_per_program = triton.cdiv(triton.cdiv(n, splits), blocks["BLOCK_N"]) * blocks["BLOCK_N"]
@@ -339,28 +356,30 @@ def _lu_weight_grad_kernel(dw_ptr, inv_perm_ptr, lower_ptr, upper_ptr, sign_ptr,
 def lu_weight_fwd(perm: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, sign_s: torch.Tensor,
                   log_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(W = P L U' [C, C], log |det W| = sum(log_s) as a 0-dim tensor), in the factors' dtype."""
+    perm, sign_s, log_s = perm.contiguous(), sign_s.contiguous(), log_s.contiguous()
     c = lower.shape[0]
     weight = lower.new_empty((c, c))
     log_det = log_s.new_empty(())
-    blocks = _square_block(lower)
+    blocks = _square_block(_on_gpu(lower))
     grid = (triton.cdiv(c, blocks["BLOCK"]), triton.cdiv(c, blocks["BLOCK"]))
     _lu_weight_kernel[grid](perm, lower, upper, sign_s, log_s, weight, log_det, c,
                             lower.stride(0), lower.stride(1), upper.stride(0), upper.stride(1),
-                            weight.stride(0), weight.stride(1), ACC=_acc_type(lower.dtype), **blocks)
+                            weight.stride(0), weight.stride(1), ACC=compute_type(lower.dtype), **blocks)
     return weight, log_det
 
 
 def lu_weight_bwd(dweight: torch.Tensor, dlog_det: torch.Tensor, perm: torch.Tensor, lower: torch.Tensor,
                   upper: torch.Tensor, sign_s: torch.Tensor, log_s: torch.Tensor):
     """(dlower, dupper, dlog_s) given the gradients of W and of log |det W|."""
+    sign_s, log_s = sign_s.contiguous(), log_s.contiguous()
     c = lower.shape[0]
     dlower, dupper = lower.new_empty((c, c)), upper.new_empty((c, c))
     dlog_s = torch.empty_like(log_s)
     inv_perm = torch.argsort(perm)
-    blocks = _square_block(lower)
+    blocks = _square_block(_on_gpu(lower))
     grid = (triton.cdiv(c, blocks["BLOCK"]), triton.cdiv(c, blocks["BLOCK"]), 2)
     _lu_weight_grad_kernel[grid](dweight, inv_perm, lower, upper, sign_s, log_s, dlog_det.reshape(()),
                                  dlower, dupper, dlog_s, c, dweight.stride(0), dweight.stride(1),
                                  lower.stride(0), lower.stride(1), upper.stride(0), upper.stride(1),
-                                 ACC=_acc_type(lower.dtype), **blocks)
+                                 ACC=compute_type(lower.dtype), **blocks)
     return dlower, dupper, dlog_s

@@ -18,7 +18,8 @@ atomics. Activations are read and written through their strides (x1, x2 are usua
 the tiny parameter tensors are made contiguous.
 
 Compute is fp32 (fp64 for fp64 data); tl.dot runs IEEE for fp32/fp64 data and TF32 for fp16/bf16 data, whose own
-rounding dominates. The hidden width must be <= MAX_HIDDEN (registers); the channel counts are unbounded.
+rounding dominates. The hidden width must be <= 64 (ops.mlp_coupling.MAX_FUSED_HIDDEN: register tiles); the channel
+counts are unbounded.
 """
 from __future__ import annotations
 
@@ -27,38 +28,28 @@ import triton
 import triton.language as tl
 
 from ..._checks import compute_dtype
-# _layout also makes the CPU interpreter accept runtime loop bounds (NumPy >= 2.4), which these kernels need.
-from ._layout import compute_type
-
-MAX_HIDDEN = 64
+from ._layout import compute_type  # importing _layout also fixes interpreter loop bounds
+from .invconv import actnorm_scale, dot_precision
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
-
-
-def _blocks(t: torch.Tensor, hidden: int, backward: bool) -> dict:
+def _blocks(on_gpu: bool, dtype: torch.dtype, hidden: int, backward: bool) -> dict:
     hp = max(16, triton.next_power_of_2(hidden))
-    if t.device.type == "cuda":
-        return dict(BLOCK_B=64, BLOCK_K=32, BLOCK_J=32, HP=hp, num_warps=8 if backward else 4)
+    if on_gpu:
+        # 32 rows per program: B = 4096 gives about one program per H100 SM, with fp32 partials of moderate size.
+        # Checked with ptxas for sm_90: no register spills, except a few bytes in the bf16 backward at hidden 64;
+        # the fp32 backward at hidden 64 (IEEE dots use FMA layouts, heavier) needs 16 rows per program for that.
+        rows = 16 if backward and hp == 64 and dtype in (torch.float32, torch.float64) else 32
+        return dict(BLOCK_B=rows, BLOCK_K=32, BLOCK_J=16 if backward else 32, HP=hp, num_warps=8)
     # Interpreter: each program costs ~ms, so wide column chunks; 16-row blocks so small batches still span
     # several programs (exercising the partial sums and the padded last block).
     return dict(BLOCK_B=16, BLOCK_K=64, BLOCK_J=64, HP=hp)
 
 
 @triton.jit
-def _actnorm_affine(bias_ptr, logs_ptr, idx, mask, logscale_factor, ACC: tl.constexpr):
-    """(bias, exp(f * logs)) at idx; padding gets bias 0 and scale 1, so padded hidden units stay exactly 0."""
-    bias = tl.load(bias_ptr + idx, mask=mask, other=0.0).to(ACC)
-    scale = tl.exp(logscale_factor * tl.load(logs_ptr + idx, mask=mask, other=0.0).to(ACC))
-    return bias, scale
-
-
-@triton.jit
-def _hidden_layers(x1_ptr, x1_sb, x1_sc, rows, row_mask, C1, HID, w1_ptr, b1_ptr, l1_ptr, w2_ptr, b2_ptr, l2_ptr,
-                   logscale_factor, ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
-                   BLOCK_K: tl.constexpr, HP: tl.constexpr):
-    """(pre1, pre2): both ActNorm outputs before their ReLU, [BLOCK_B, HP]."""
+def _first_layer(x1_ptr, x1_sb, x1_sc, rows, row_mask, C1, HID, w1_ptr, b1_ptr, l1_ptr, logscale_factor,
+                 ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+                 HP: tl.constexpr):
+    """pre1 = (x1 @ W1^T + b1) * s1, [BLOCK_B, HP], streaming x1 and W1 in BLOCK_K column chunks."""
     hid = tl.arange(0, HP)
     hid_mask = hid < HID
     a1 = tl.zeros((BLOCK_B, HP), dtype=ACC)
@@ -71,13 +62,21 @@ def _hidden_layers(x1_ptr, x1_sb, x1_sc, rows, row_mask, C1, HID, w1_ptr, b1_ptr
         w1_t = tl.load(w1_ptr + hid[None, :] * C1 + k[:, None], mask=hid_mask[None, :] & k_mask[:, None],
                        other=0.0).to(ACC)
         a1 = tl.dot(x1, w1_t, a1, input_precision=PRECISION, out_dtype=ACC)
-    b1, s1 = _actnorm_affine(b1_ptr, l1_ptr, hid, hid_mask, logscale_factor, ACC)
-    pre1 = (a1 + b1[None, :]) * s1[None, :]
+    b1, s1 = actnorm_scale(b1_ptr, l1_ptr, hid, hid_mask, logscale_factor, ACC)
+    return (a1 + b1[None, :]) * s1[None, :]
+
+
+@triton.jit
+def _second_layer(pre1, HID, w2_ptr, b2_ptr, l2_ptr, logscale_factor, ACC: tl.constexpr, PRECISION: tl.constexpr,
+                  HP: tl.constexpr):
+    """pre2 = (relu(pre1) @ W2^T + b2) * s2, [BLOCK_B, HP]."""
+    hid = tl.arange(0, HP)
+    hid_mask = hid < HID
     w2_t = tl.load(w2_ptr + hid[None, :] * HID + hid[:, None], mask=hid_mask[None, :] & hid_mask[:, None],
                    other=0.0).to(ACC)
     a2 = tl.dot(tl.maximum(pre1, 0.0), w2_t, input_precision=PRECISION, out_dtype=ACC)
-    b2, s2 = _actnorm_affine(b2_ptr, l2_ptr, hid, hid_mask, logscale_factor, ACC)
-    return pre1, (a2 + b2[None, :]) * s2[None, :]
+    b2, s2 = actnorm_scale(b2_ptr, l2_ptr, hid, hid_mask, logscale_factor, ACC)
+    return (a2 + b2[None, :]) * s2[None, :]
 
 
 @triton.jit
@@ -87,22 +86,22 @@ def _output_layer(h2, w3_ptr, b3_ptr, l3_ptr, out_idx, out_mask, HID, logscale_f
     hid = tl.arange(0, HP)
     w3_t = tl.load(w3_ptr + out_idx[None, :] * HID + hid[:, None], mask=out_mask[None, :] & (hid < HID)[:, None],
                    other=0.0).to(ACC)
-    b3, s3 = _actnorm_affine(b3_ptr, l3_ptr, out_idx, out_mask, logscale_factor, ACC)
+    b3, s3 = actnorm_scale(b3_ptr, l3_ptr, out_idx, out_mask, logscale_factor, ACC)
     o = (tl.dot(h2, w3_t, input_precision=PRECISION, out_dtype=ACC) + b3[None, :]) * s3[None, :]
     return o, w3_t, s3
 
 
 @triton.jit
-def _output_layer_backward(do, o, h2, w3_t, s3, out_idx, out_mask, HID, O, pid, dw3_part_ptr, db3_part_ptr,
+def _output_layer_backward(do, o, h2, w3_t, s3, out_idx, out_mask, HID, OUT, pid, dw3_part_ptr, db3_part_ptr,
                            dl3_part_ptr, logscale_factor, ACC: tl.constexpr, PRECISION: tl.constexpr,
                            HP: tl.constexpr):
     """Stores this program's partial dW3, db3, dlogs3 for out_idx; returns the contribution to dh2."""
     hid = tl.arange(0, HP)
     dg = do * s3[None, :]
-    tl.store(db3_part_ptr + pid * O + out_idx, tl.sum(dg, axis=0), mask=out_mask)
-    tl.store(dl3_part_ptr + pid * O + out_idx, logscale_factor * tl.sum(do * o, axis=0), mask=out_mask)
+    tl.store(db3_part_ptr + pid * OUT + out_idx, tl.sum(dg, axis=0), mask=out_mask)
+    tl.store(dl3_part_ptr + pid * OUT + out_idx, logscale_factor * tl.sum(do * o, axis=0), mask=out_mask)
     dw3 = tl.dot(tl.trans(dg), h2, input_precision=PRECISION, out_dtype=ACC)
-    tl.store(dw3_part_ptr + pid.to(tl.int64) * O * HID + out_idx[:, None] * HID + hid[None, :], dw3,
+    tl.store(dw3_part_ptr + pid.to(tl.int64) * OUT * HID + out_idx[:, None] * HID + hid[None, :], dw3,
              mask=out_mask[:, None] & (hid < HID)[None, :])
     return tl.dot(dg, tl.trans(w3_t), input_precision=PRECISION, out_dtype=ACC)
 
@@ -121,9 +120,9 @@ def _mlp_coupling_kernel(x1_ptr, in2_ptr, out2_ptr, log_det_ptr,
     """Forward: out2 = z2 from in2 = x2, and log_det. INVERSE: out2 = x2 from in2 = z2 (no log_det)."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
-    pre1, pre2 = _hidden_layers(x1_ptr, x1_sb, x1_sc, rows, row_mask, C1, HID, w1_ptr, b1_ptr, l1_ptr,
-                                w2_ptr, b2_ptr, l2_ptr, logscale_factor, ACC, PRECISION, BLOCK_B, BLOCK_K, HP)
-    h2 = tl.maximum(pre2, 0.0)
+    pre1 = _first_layer(x1_ptr, x1_sb, x1_sc, rows, row_mask, C1, HID, w1_ptr, b1_ptr, l1_ptr, logscale_factor,
+                        ACC, PRECISION, BLOCK_B, BLOCK_K, HP)
+    h2 = tl.maximum(_second_layer(pre1, HID, w2_ptr, b2_ptr, l2_ptr, logscale_factor, ACC, PRECISION, HP), 0.0)
     log_det = tl.zeros((BLOCK_B,), dtype=ACC)
     in2_rows, out2_rows = rows.to(tl.int64) * in2_sb, rows.to(tl.int64) * out2_sb
     for j0 in range(0, C2, BLOCK_J):
@@ -158,7 +157,7 @@ def _mlp_coupling_bwd_kernel(dout_ptr, dlog_det_ptr, x1_ptr, in2_ptr, din2_ptr, 
                              w1_ptr, b1_ptr, l1_ptr, w2_ptr, b2_ptr, l2_ptr, w3_ptr, b3_ptr, l3_ptr,
                              dw1_part_ptr, db1_part_ptr, dl1_part_ptr, dw2_part_ptr, db2_part_ptr, dl2_part_ptr,
                              dw3_part_ptr, db3_part_ptr, dl3_part_ptr,
-                             B, C1, C2, HID, O, dout_sb, dout_sc, x1_sb, x1_sc, in2_sb, in2_sc,
+                             B, C1, C2, HID, OUT, dout_sb, dout_sc, dlog_det_s, x1_sb, x1_sc, in2_sb, in2_sc,
                              din2_sb, din2_sc, dx1_sb, dx1_sc, logscale_factor,
                              AFFINE: tl.constexpr, INVERSE: tl.constexpr, ACC: tl.constexpr,
                              PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -170,11 +169,12 @@ def _mlp_coupling_bwd_kernel(dout_ptr, dlog_det_ptr, x1_ptr, in2_ptr, din2_ptr, 
     row_mask = rows < B
     hid = tl.arange(0, HP)
     hid_mask = hid < HID
-    pre1, pre2 = _hidden_layers(x1_ptr, x1_sb, x1_sc, rows, row_mask, C1, HID, w1_ptr, b1_ptr, l1_ptr,
-                                w2_ptr, b2_ptr, l2_ptr, logscale_factor, ACC, PRECISION, BLOCK_B, BLOCK_K, HP)
+    pre1 = _first_layer(x1_ptr, x1_sb, x1_sc, rows, row_mask, C1, HID, w1_ptr, b1_ptr, l1_ptr, logscale_factor,
+                        ACC, PRECISION, BLOCK_B, BLOCK_K, HP)
+    pre2 = _second_layer(pre1, HID, w2_ptr, b2_ptr, l2_ptr, logscale_factor, ACC, PRECISION, HP)
     h1, h2 = tl.maximum(pre1, 0.0), tl.maximum(pre2, 0.0)
     if AFFINE and not INVERSE:
-        dlog_det = tl.load(dlog_det_ptr + rows, mask=row_mask, other=0.0).to(ACC)
+        dlog_det = tl.load(dlog_det_ptr + rows.to(tl.int64) * dlog_det_s, mask=row_mask, other=0.0).to(ACC)
 
     # Output layer and epilogue, chunk by chunk of x2's channels.
     dh2 = tl.zeros((BLOCK_B, HP), dtype=ACC)
@@ -203,10 +203,10 @@ def _mlp_coupling_bwd_kernel(dout_ptr, dlog_det_ptr, x1_ptr, in2_ptr, din2_ptr, 
                 dshift = din2
                 draw = (dout * (v + shift) * sigma + dlog_det[:, None]) * (1.0 - sigma)
             draw = tl.where(mask, draw, 0.0)
-            dh2 += _output_layer_backward(dshift, shift, h2, w3s_t, s3s, 2 * j, j_mask, HID, O, pid,
+            dh2 += _output_layer_backward(dshift, shift, h2, w3s_t, s3s, 2 * j, j_mask, HID, OUT, pid,
                                           dw3_part_ptr, db3_part_ptr, dl3_part_ptr, logscale_factor,
                                           ACC, PRECISION, HP)
-            dh2 += _output_layer_backward(draw, raw_out, h2, w3r_t, s3r, 2 * j + 1, j_mask, HID, O, pid,
+            dh2 += _output_layer_backward(draw, raw_out, h2, w3r_t, s3r, 2 * j + 1, j_mask, HID, OUT, pid,
                                           dw3_part_ptr, db3_part_ptr, dl3_part_ptr, logscale_factor,
                                           ACC, PRECISION, HP)
         else:
@@ -217,7 +217,7 @@ def _mlp_coupling_bwd_kernel(dout_ptr, dlog_det_ptr, x1_ptr, in2_ptr, din2_ptr, 
                 do = -dout
             else:
                 do = dout
-            dh2 += _output_layer_backward(do, o, h2, w3_t, s3, j, j_mask, HID, O, pid,
+            dh2 += _output_layer_backward(do, o, h2, w3_t, s3, j, j_mask, HID, OUT, pid,
                                           dw3_part_ptr, db3_part_ptr, dl3_part_ptr, logscale_factor,
                                           ACC, PRECISION, HP)
         tl.store(din2_ptr + din2_rows[:, None] + j[None, :] * din2_sc, din2.to(din2_ptr.dtype.element_ty),
@@ -225,7 +225,7 @@ def _mlp_coupling_bwd_kernel(dout_ptr, dlog_det_ptr, x1_ptr, in2_ptr, din2_ptr, 
 
     # Second hidden layer: ReLU, ActNorm, W2.
     dpre2 = tl.where(pre2 > 0.0, dh2, 0.0)
-    _, s2 = _actnorm_affine(b2_ptr, l2_ptr, hid, hid_mask, logscale_factor, ACC)
+    _, s2 = actnorm_scale(b2_ptr, l2_ptr, hid, hid_mask, logscale_factor, ACC)
     tl.store(db2_part_ptr + pid * HID + hid, tl.sum(dpre2 * s2[None, :], axis=0), mask=hid_mask)
     tl.store(dl2_part_ptr + pid * HID + hid, logscale_factor * tl.sum(dpre2 * pre2, axis=0), mask=hid_mask)
     da2 = dpre2 * s2[None, :]
@@ -237,7 +237,7 @@ def _mlp_coupling_bwd_kernel(dout_ptr, dlog_det_ptr, x1_ptr, in2_ptr, din2_ptr, 
 
     # First hidden layer: ReLU, ActNorm, then W1 and x1, chunk by chunk of x1's channels.
     dpre1 = tl.where(pre1 > 0.0, dh1, 0.0)
-    _, s1 = _actnorm_affine(b1_ptr, l1_ptr, hid, hid_mask, logscale_factor, ACC)
+    _, s1 = actnorm_scale(b1_ptr, l1_ptr, hid, hid_mask, logscale_factor, ACC)
     tl.store(db1_part_ptr + pid * HID + hid, tl.sum(dpre1 * s1[None, :], axis=0), mask=hid_mask)
     tl.store(dl1_part_ptr + pid * HID + hid, logscale_factor * tl.sum(dpre1 * pre1, axis=0), mask=hid_mask)
     da1 = dpre1 * s1[None, :]
@@ -268,31 +268,31 @@ def _run_forward(x1: torch.Tensor, in2: torch.Tensor, params, affine: bool, logs
     c2, hidden = in2.shape[1], w1.shape[0]
     out2 = torch.empty_like(in2)
     log_det = None if inverse else in2.new_empty(batch, dtype=compute_dtype(in2.dtype))
-    blocks = _blocks(x1, hidden, backward=False)
+    blocks = _blocks(in2.is_cuda, in2.dtype, hidden, backward=False)
     _mlp_coupling_kernel[(triton.cdiv(batch, blocks["BLOCK_B"]),)](
         x1, in2, out2, out2 if log_det is None else log_det, w1, b1, l1, w2, b2, l2, w3, b3, l3,
         batch, c1, c2, hidden, x1.stride(0), x1.stride(1), in2.stride(0), in2.stride(1),
         out2.stride(0), out2.stride(1), logscale_factor, AFFINE=affine, INVERSE=inverse,
-        ACC=compute_type(in2.dtype), PRECISION=_dot_precision(in2.dtype), **blocks)
+        ACC=compute_type(in2.dtype), PRECISION=dot_precision(in2.dtype), **blocks)
     return out2, log_det
 
 
 def _run_backward(dout: torch.Tensor, dlog_det: torch.Tensor | None, x1: torch.Tensor, in2: torch.Tensor, params,
                   affine: bool, logscale_factor: float, inverse: bool):
-    w1, b1, l1, w2, b2, l2, w3, b3, l3 = contiguous = _contiguous_params(params)
+    contiguous = _contiguous_params(params)
     batch, c1 = x1.shape
-    c2, hidden, outputs = in2.shape[1], w1.shape[0], w3.shape[0]
-    blocks = _blocks(x1, hidden, backward=True)
+    c2, hidden, outputs = in2.shape[1], params[0].shape[0], params[6].shape[0]  # w1 [H, C1], w3 [O, H]
+    blocks = _blocks(in2.is_cuda, in2.dtype, hidden, backward=True)
     programs = triton.cdiv(batch, blocks["BLOCK_B"])
     din2, dx1 = torch.empty_like(in2), torch.empty_like(x1)
     part_dtype = compute_dtype(in2.dtype)
     partials = [x1.new_empty((programs,) + p.shape, dtype=part_dtype) for p in contiguous]
     _mlp_coupling_bwd_kernel[(programs,)](
         dout, dout if dlog_det is None else dlog_det, x1, in2, din2, dx1, *contiguous, *partials,
-        batch, c1, c2, hidden, outputs, dout.stride(0), dout.stride(1), x1.stride(0), x1.stride(1),
-        in2.stride(0), in2.stride(1), din2.stride(0), din2.stride(1), dx1.stride(0), dx1.stride(1),
-        logscale_factor, AFFINE=affine, INVERSE=inverse, ACC=compute_type(in2.dtype),
-        PRECISION=_dot_precision(in2.dtype), **blocks)
+        batch, c1, c2, hidden, outputs, dout.stride(0), dout.stride(1), 0 if dlog_det is None else dlog_det.stride(0),
+        x1.stride(0), x1.stride(1), in2.stride(0), in2.stride(1), din2.stride(0), din2.stride(1),
+        dx1.stride(0), dx1.stride(1), logscale_factor, AFFINE=affine, INVERSE=inverse, ACC=compute_type(in2.dtype),
+        PRECISION=dot_precision(in2.dtype), **blocks)
     param_grads = [part.sum(0).to(p.dtype) for part, p in zip(partials, params)]
     return dx1, din2, *param_grads
 

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ._layout import (accumulate_dtype, as_rows, blocks, column_splits, compute_type, inner_contiguous,
-                      sample_offsets, strides)
+                      sample_offsets, strides, warps)
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -65,7 +65,7 @@ def gaussian_log_prob_fwd(z: torch.Tensor) -> torch.Tensor:
     _gaussian_log_prob_fwd_kernel[(row_blocks, splits)](
         z3, partial, batch, columns, pixels, *strides(z3), columns_per_split,
         LOG_2PI=_LOG_2PI, INNER_CONTIGUOUS=inner_contiguous(z3), COMPUTE=compute_type(z.dtype),
-        BLOCK_B=block_b, BLOCK_N=block_n)
+        BLOCK_B=block_b, BLOCK_N=block_n, num_warps=warps(block_b, block_n))
     return partial[0] if splits == 1 else partial.sum(0)
 
 
@@ -77,5 +77,6 @@ def gaussian_log_prob_bwd(grad_log_prob: torch.Tensor, z: torch.Tensor) -> torch
     block_b, block_n = blocks(batch, columns)
     _gaussian_log_prob_bwd_kernel[(triton.cdiv(batch, block_b), triton.cdiv(columns, block_n))](
         grad_log_prob, z3, grad_z, batch, columns, pixels, grad_log_prob.stride(0), *strides(z3),
-        INNER_CONTIGUOUS=inner_contiguous(z3), COMPUTE=compute_type(z.dtype), BLOCK_B=block_b, BLOCK_N=block_n)
+        INNER_CONTIGUOUS=inner_contiguous(z3), COMPUTE=compute_type(z.dtype), BLOCK_B=block_b, BLOCK_N=block_n,
+        num_warps=warps(block_b, block_n))
     return grad_z

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# GPU check for flowkern on a CUDA machine (no network needed): the gpu-marked tests, then the benchmarks.
+#
+#   bash bench/gpu_check.sh                  # from anywhere; results in bench/results/
+#   OUT=/some/dir bash bench/gpu_check.sh    # also copies the results there
+#
+# Writes bench/results/<date>-<gpu>.json and .md (gpu_bench.py) plus <date>-<gpu>-tests.log and -bench.log.
+# Runs from the source tree (PYTHONPATH=repo root), so no install is needed. Budget: about 8 minutes on an H100
+# (tests capped at TEST_TIMEOUT_S, the benchmark gets what is left of TOTAL_BUDGET_S and stops starting new cases
+# when it runs out). Exit status: 0 all good; bit 1 = GPU tests failed, timed out or could not run; bit 2 = a
+# benchmark case raised; 4 = no usable CUDA device. Skipped-for-time benchmark cases are not failures.
+set -u -o pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+REPO=$PWD
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+PYTHON=${PYTHON:-$(command -v python || command -v python3)}
+TOTAL_BUDGET_S=${TOTAL_BUDGET_S:-460}
+TEST_TIMEOUT_S=${TEST_TIMEOUT_S:-240}
+RESULTS=$REPO/bench/results
+mkdir -p "$RESULTS"
+started=$(date +%s)
+marker=$(mktemp)
+trap 'rm -f "$marker"' EXIT
+
+gpu=$("$PYTHON" - <<'EOF'
+import re, sys
+import torch
+if not torch.cuda.is_available():
+    print(f"no CUDA device visible to torch {torch.__version__}")
+    sys.exit(1)
+print(re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-"))
+EOF
+) || { echo "gpu_check: ${gpu:-could not import torch}" >&2; exit 4; }
+stem="$RESULTS/$(date +%Y-%m-%d-%H%M)-$gpu"
+
+"$PYTHON" - <<'EOF'
+import torch, triton, platform
+print(f"device {torch.cuda.get_device_name()} | torch {torch.__version__} | CUDA {torch.version.cuda} | "
+      f"triton {triton.__version__} | python {platform.python_version()}")
+EOF
+git -C "$REPO" rev-parse --short HEAD 2>/dev/null | sed 's/^/commit /' || true
+
+status=0
+echo "== GPU tests (python -m pytest tests -m gpu), at most ${TEST_TIMEOUT_S}s =="
+if "$PYTHON" -c "import pytest" 2>/dev/null; then
+    timeout "$TEST_TIMEOUT_S" "$PYTHON" -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tee "$stem-tests.log"
+    tests_rc=${PIPESTATUS[0]}
+    if [ "$tests_rc" -eq 124 ]; then
+        echo "gpu_check: GPU tests timed out after ${TEST_TIMEOUT_S}s" | tee -a "$stem-tests.log"
+    fi
+    [ "$tests_rc" -eq 0 ] || status=$((status | 1))
+else
+    echo "gpu_check: pytest is not installed here; the GPU tests did NOT run" | tee "$stem-tests.log"
+    status=$((status | 1))
+fi
+
+elapsed=$(( $(date +%s) - started ))
+bench_budget=$(( TOTAL_BUDGET_S - elapsed - 60 ))
+[ "$bench_budget" -ge 60 ] || bench_budget=60
+echo "== benchmarks (bench/gpu_bench.py), starting new cases for ${bench_budget}s =="
+# The hard limit leaves room for the case running when the budget ends; the report is rewritten after every case.
+timeout $(( bench_budget + 90 )) "$PYTHON" "$REPO/bench/gpu_bench.py" --budget-s "$bench_budget" \
+    --out-dir "$RESULTS" 2>&1 | tee "$stem-bench.log"
+bench_rc=${PIPESTATUS[0]}
+case "$bench_rc" in
+    0) ;;
+    1) status=$((status | 2)) ;;
+    124) echo "gpu_check: benchmark cut off by the hard time limit; its partial report is kept" ;;
+    *) echo "gpu_check: gpu_bench.py crashed (exit $bench_rc)"; status=$((status | 2)) ;;
+esac
+
+if [ -n "${OUT:-}" ]; then
+    mkdir -p "$OUT"
+    find "$RESULTS" -maxdepth 1 -type f -newer "$marker" -exec cp {} "$OUT"/ \;
+    echo "copied this run's results to $OUT"
+fi
+echo "gpu_check: done in $(( $(date +%s) - started ))s, exit status $status"
+exit "$status"

@@ -1,0 +1,126 @@
+"""The command line, run as ``python -m flowkern`` in a subprocess on the tiny random BERT."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.models.tiny_bert import write_tiny_bert
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> Path:
+    return write_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="module")
+def data_dir() -> Path:
+    configured = os.environ.get("FLOWKERN_DATA")
+    path = Path(configured) if configured else REPO.parent / "shared" / "data" / "sts"
+    if not (path / "stsb-test.tsv.gz").is_file():
+        pytest.skip(f"STS data not found at {path}; set FLOWKERN_DATA")
+    return path
+
+
+def flowkern(*args, data_dir=None, check=True):
+    env = {k: v for k, v in os.environ.items() if k != "FLOWKERN_DATA"}
+    if data_dir is not None:
+        env["FLOWKERN_DATA"] = str(data_dir)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"  # tiny models: threads only add contention on a shared CPU
+    result = subprocess.run([sys.executable, "-m", "flowkern", *map(str, args)], capture_output=True, text=True,
+                            env=env, cwd=REPO, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def sentences_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "sentences.txt"
+    lines = [f"{who} is {doing} on the beach." for who in ("A man", "A woman", "The dog", "Two boys")
+             for doing in ("playing", "running", "eating", "sitting", "walking")]
+    path.write_text("\n".join(lines[:10]) + "\n\n   \r\n" + "\r\n".join(lines[10:]) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def fitted_model(tiny_bert, sentences_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("model") / "flow"
+    result = flowkern("fit", "--text", sentences_file, "--out", out, "--encoder", tiny_bert, "--levels", "2",
+                      "--depth", "2", "--batch-size", "8")
+    assert "fitted on 20 sentences (20 distinct), 3 steps" in result.stdout
+    return out
+
+
+def test_help_lists_the_commands():
+    out = flowkern("--help").stdout
+    assert all(command in out for command in ("fit", "encode", "eval", "demo"))
+    assert "not valid UTF-8" in " ".join(flowkern("fit", "--help").stdout.split())
+
+
+def test_fit_then_encode(fitted_model, sentences_file, tmp_path):
+    config = json.loads((fitted_model / "config.json").read_text())
+    assert config["flow"]["levels"] == 2 and Path(config["encoder"]).is_dir()
+    out = tmp_path / "z.npy"
+    flowkern("encode", fitted_model, sentences_file, out)
+    embeddings = np.load(out)
+    assert embeddings.shape == (20, 32) and embeddings.dtype == np.float32
+    flowkern("encode", fitted_model, sentences_file, tmp_path / "pooled.npy", "--pooled")
+    assert not np.allclose(np.load(tmp_path / "pooled.npy"), embeddings)
+
+
+def test_fit_on_a_task_and_eval(tiny_bert, data_dir, tmp_path):
+    out = tmp_path / "flow"
+    flowkern("fit", "--task", "sts13", "--max-pairs", "60", "--out", out, "--encoder", tiny_bert, data_dir=data_dir)
+    result = flowkern("eval", "--model", out, "--tasks", "sts13,stsb", "--max-pairs", "60", "--json",
+                      tmp_path / "scores.json", data_dir=data_dir)
+    scores = json.loads((tmp_path / "scores.json").read_text())["scores"]
+    (method,) = scores
+    assert set(scores[method]) == {"sts13", "stsb"} and "STS13" in result.stdout
+    assert set(scores[method]["sts13"]["subsets"]) == {"FNWN", "OnWN", "headlines"}
+
+
+def test_eval_whitening_baseline(tiny_bert, data_dir, tmp_path):
+    result = flowkern("eval", "--baseline", "whitening", "--setting", "train", "--encoder", tiny_bert,
+                      "--tasks", "sickr", "--max-pairs", "80", "--data-dir", data_dir)
+    assert result.stdout.splitlines()[1].startswith("whitening (train)")
+
+
+def test_demo_writes_table_json_and_plot(tiny_bert, data_dir, tmp_path):
+    out = tmp_path / "demo"
+    result = flowkern("demo", "--encoder", tiny_bert, "--tasks", "stsb,sts12", "--max-pairs", "60",
+                      "--random-pairs", "300", "--out-dir", out, "--data-dir", data_dir)
+    report = json.loads((out / "results.json").read_text())
+    assert set(report["scores"]) == {"pooled", "whitening (target)", "flow (target)"}
+    assert set(report["scores"]["flow (target)"]) == {"stsb", "sts12"}
+    timing = report["timing"]
+    assert timing["task"] == "stsb" and timing["fast"]["n_sentences"] == 3 * 2 * 60
+    assert timing["eager"]["steps"] == timing["fast"]["steps"] and timing["eager_over_fast"] > 0
+    assert report["anisotropy"]["pairs"] == 300
+    assert (out / "anisotropy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "flow (target)" in result.stdout and "eager path" in result.stdout
+
+
+def test_missing_data_dir_says_how_to_set_it(tiny_bert):
+    result = flowkern("eval", "--baseline", "pooled", "--encoder", tiny_bert, check=False)
+    assert result.returncode == 1
+    assert "FLOWKERN_DATA" in result.stderr and "--data-dir" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_text_file_errors(tiny_bert, tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine line\nanother\nbroken \xff byte\n")
+    result = flowkern("fit", "--text", bad, "--out", tmp_path / "m", "--encoder", tiny_bert, check=False)
+    assert result.returncode == 1 and "bad.txt:3: not valid UTF-8" in result.stderr
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    result = flowkern("fit", "--text", empty, "--out", tmp_path / "m", "--encoder", tiny_bert, check=False)
+    assert result.returncode == 1 and "empty corpus" in result.stderr
