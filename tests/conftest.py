@@ -6,9 +6,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 
 import flowkern  # noqa: E402
+from tests.models.tiny_bert import write_tiny_bert  # noqa: E402
 
 
 def pytest_configure(config):
@@ -32,6 +35,25 @@ def _fresh_state():
     torch.manual_seed(0)
     yield
     flowkern.set_backend("auto")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return write_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def sts_data_dir() -> Path:
+    """$FLOWKERN_DATA, else the shared data next to the repository (../shared/data/sts).
+
+    A directory named by FLOWKERN_DATA must exist (make test and CI set it): only a bare pytest run without the
+    data skips these tests."""
+    configured = os.environ.get("FLOWKERN_DATA")
+    path = Path(configured) if configured else Path(__file__).resolve().parents[2] / "shared" / "data" / "sts"
+    if not (path / "stsb-test.tsv.gz").is_file():
+        message = f"STS data not found at {path}; set FLOWKERN_DATA"
+        pytest.fail(message) if configured else pytest.skip(message)
+    return path
 
 
 KERNEL_BACKENDS = [name for name in ("triton", "cuda", "cpp") if name in flowkern.backends()]

@@ -9,23 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.models.tiny_bert import write_tiny_bert
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory) -> Path:
-    return write_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
-
-
-@pytest.fixture(scope="module")
-def data_dir() -> Path:
-    configured = os.environ.get("FLOWKERN_DATA")
-    path = Path(configured) if configured else REPO.parent / "shared" / "data" / "sts"
-    if not (path / "stsb-test.tsv.gz").is_file():
-        pytest.skip(f"STS data not found at {path}; set FLOWKERN_DATA")
-    return path
 
 
 def flowkern(*args, data_dir=None, check=True):
@@ -76,27 +61,27 @@ def test_fit_then_encode(fitted_model, sentences_file, tmp_path):
     assert not np.allclose(np.load(tmp_path / "pooled.npy"), embeddings)
 
 
-def test_fit_on_a_task_and_eval(tiny_bert, data_dir, tmp_path):
+def test_fit_on_a_task_and_eval(tiny_bert, sts_data_dir, tmp_path):
     out = tmp_path / "flow"
-    flowkern("fit", "--task", "sts13", "--max-pairs", "60", "--out", out, "--encoder", tiny_bert, data_dir=data_dir)
+    flowkern("fit", "--task", "sts13", "--max-pairs", "60", "--out", out, "--encoder", tiny_bert, data_dir=sts_data_dir)
     result = flowkern("eval", "--model", out, "--tasks", "sts13,stsb", "--max-pairs", "60", "--json",
-                      tmp_path / "scores.json", data_dir=data_dir)
+                      tmp_path / "scores.json", data_dir=sts_data_dir)
     scores = json.loads((tmp_path / "scores.json").read_text())["scores"]
     (method,) = scores
     assert set(scores[method]) == {"sts13", "stsb"} and "STS13" in result.stdout
     assert set(scores[method]["sts13"]["subsets"]) == {"FNWN", "OnWN", "headlines"}
 
 
-def test_eval_whitening_baseline(tiny_bert, data_dir, tmp_path):
+def test_eval_whitening_baseline(tiny_bert, sts_data_dir, tmp_path):
     result = flowkern("eval", "--baseline", "whitening", "--setting", "train", "--encoder", tiny_bert,
-                      "--tasks", "sickr", "--max-pairs", "80", "--data-dir", data_dir)
+                      "--tasks", "sickr", "--max-pairs", "80", "--data-dir", sts_data_dir)
     assert result.stdout.splitlines()[1].startswith("whitening (train)")
 
 
-def test_demo_writes_table_json_and_plot(tiny_bert, data_dir, tmp_path):
+def test_demo_writes_table_json_and_plot(tiny_bert, sts_data_dir, tmp_path):
     out = tmp_path / "demo"
     result = flowkern("demo", "--encoder", tiny_bert, "--tasks", "stsb,sts12", "--max-pairs", "60",
-                      "--random-pairs", "300", "--out-dir", out, "--data-dir", data_dir)
+                      "--random-pairs", "300", "--out-dir", out, "--data-dir", sts_data_dir)
     report = json.loads((out / "results.json").read_text())
     assert set(report["scores"]) == {"pooled", "whitening (target)", "flow (target)"}
     assert set(report["scores"]["flow (target)"]) == {"stsb", "sts12"}

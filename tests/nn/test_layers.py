@@ -1,5 +1,4 @@
 """Data-dependent init, checkpoints, caches, dtypes, configs and bad input for the flow layers."""
-import io
 
 import pytest
 import torch

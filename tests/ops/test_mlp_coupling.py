@@ -13,8 +13,9 @@ from flowkern.nn import AdditiveCoupling, AffineCoupling, Glow, MLPSubnet
 from flowkern.ops.mlp_coupling import MAX_FUSED_HIDDEN, mlp_coupling_inverse_ref, mlp_coupling_ref
 from tests.conftest import KERNEL_BACKENDS
 from tests.ops.kernel_cases import LAYOUTS, LOW_PRECISION, assert_close, device_for, grad_dtype, make
-from tests.ops.test_invconv import (MAX_SPILL_BYTES, LauncherCalls, assert_training_step_matches_torch,
-                                    compile_for_hopper, hopper_case, needs_hopper_toolchain, randomize)
+from tests.helpers import randomize_
+from tests.ops.kernel_checks import (MAX_SPILL_BYTES, LauncherCalls, assert_training_step_matches_torch,
+                                     compile_for_hopper, hopper_case, needs_hopper_toolchain)
 
 FACTOR = 3.0
 # (batch, channels, hidden): odd batches and channel counts (odd C gives x1 one channel more than x2), hidden
@@ -199,7 +200,7 @@ def test_coupling_runs_ddi_unfused_then_fuses(monkeypatch, layer):
     assert calls.counts["mlp_coupling_fwd"] == 0  # the DDI call
     assert bool(coupling.subnet.actnorm1.initialized) and bool(coupling.subnet.actnorm2.initialized)
 
-    randomize(coupling)
+    randomize_(coupling)
     y, log_det = coupling(x)
     restored = coupling.inverse(y)
     assert calls.counts == {"mlp_coupling_fwd": 1, "mlp_coupling_inv": 1}
@@ -224,7 +225,7 @@ def test_coupling_keeps_unfused_path(monkeypatch, case):
     }[case]().to(device)
     flowkern.set_backend("triton")
     coupling(x)
-    randomize(coupling)
+    randomize_(coupling)
     coupling.inverse(coupling(x)[0])
     assert calls.counts == {"mlp_coupling_fwd": 0, "mlp_coupling_inv": 0}
 

@@ -1,0 +1,128 @@
+"""Checks shared by the kernel tests: launcher call counts, a training step against the torch backend, and
+compiling kernels for Hopper (sm_90) with Triton's bundled toolchain, which needs no GPU."""
+from __future__ import annotations
+
+import copy
+import importlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import flowkern
+from flowkern.nn import Glow
+from tests.helpers import randomize_
+from tests.ops.kernel_cases import assert_close, pixels
+
+
+class LauncherCalls:
+    """Counts calls of the Triton launchers `names` while still running them."""
+
+    def __init__(self, monkeypatch, module: str, names):
+        kernels = importlib.import_module(module)
+        self.counts = dict.fromkeys(names, 0)
+        for name in names:
+            launcher = getattr(kernels, name)
+
+            def counted(*args, _name=name, _launcher=launcher, **kwargs):
+                self.counts[_name] += 1
+                return _launcher(*args, **kwargs)
+
+            monkeypatch.setattr(kernels, name, counted)
+
+
+def assert_training_step_matches_torch(model: Glow, x: torch.Tensor) -> None:
+    """One training step's loss and parameter gradients under "triton" equal those under "torch" (after the
+    data-dependent init, which runs unfused), and the inverse restores x."""
+    with flowkern.use_backend("torch"):
+        model.log_prob(x)  # data-dependent init
+    randomize_(model)
+    models = {"torch": model, "triton": copy.deepcopy(model)}
+    losses, grads = {}, {}
+    for name, m in models.items():
+        with flowkern.use_backend(name):
+            loss = -m.log_prob(x).mean()
+            loss.backward()
+            losses[name] = loss.detach()
+            grads[name] = {n: p.grad for n, p in m.named_parameters()}
+            restored = m.inverse(m(x)[0])
+        assert_close(restored, x, torch.float32, terms=100)
+    torch.testing.assert_close(losses["triton"], losses["torch"], rtol=1e-5, atol=1e-5)
+    for n, g in grads["torch"].items():
+        assert_close(grads["triton"][n], g, torch.float32, terms=x.shape[0] * pixels(x.shape) * x.shape[1])
+
+
+
+# ---- the kernels as the GPU runs them, compiled for Hopper here (Triton ships ptxas; no GPU needed) ----
+
+# Runs in a child process: this one has TRITON_INTERPRET=1 (no GPU), under which @triton.jit gives interpreted
+# functions that cannot be compiled. argv[1]: JSON list of cases; prints the stack bytes (register spills) of each.
+_HOPPER_COMPILE = r"""
+import importlib, json, re, subprocess, sys, tempfile
+from pathlib import Path
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+spills = []
+for case in json.loads(sys.argv[1]):
+    kernel = getattr(importlib.import_module(case["module"]), case["kernel"])
+    constexprs = {k: getattr(tl, v[3:]) if str(v).startswith("tl.") else v for k, v in case["constexprs"].items()}
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            pointee = case["activation"] if name in case["activation_args"] else "i64" if "perm" in name else "fp32"
+            signature[name] = "*" + pointee
+        else:
+            signature[name] = "fp32" if name == "logscale_factor" else "i32"
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=case["num_warps"], num_stages=case["num_stages"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(cubin)], capture_output=True,
+                               text=True, check=True).stdout
+    spills.append(int(re.search(r"STACK:(\d+)", usage).group(1)))
+print(json.dumps(spills))
+"""
+
+
+def _hopper_toolchain_present() -> bool:
+    spec = importlib.util.find_spec("triton")
+    return spec is not None and (Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
+
+
+needs_hopper_toolchain = pytest.mark.skipif(not _hopper_toolchain_present(),
+                                            reason="needs Triton's NVIDIA toolchain (ptxas)")
+# Register spills allowed in a kernel as the launchers configure it for the GPU (bytes of stack per thread).
+MAX_SPILL_BYTES = 64
+
+
+def hopper_case(module: str, kernel: str, blocks: dict, constexprs: dict, activation: str = "fp32",
+                activation_args=()) -> dict:
+    """One kernel to compile: `blocks` as a launcher passes them (tile constexprs, num_warps, num_stages),
+    plus the other constexprs (Triton types written "tl.float32"). Pointers in activation_args get
+    `activation` ("bf16", "fp32"), perm pointers i64, the rest fp32."""
+    tiles = {k: v for k, v in blocks.items() if k not in ("num_warps", "num_stages")}
+    return dict(module=module, kernel=kernel, constexprs={**tiles, **constexprs}, activation=activation,
+                activation_args=list(activation_args), num_warps=blocks["num_warps"],
+                num_stages=blocks.get("num_stages", 3))
+
+
+def compile_for_hopper(cases: list[dict]) -> list[int]:
+    """Compiles each case for sm_90 in a child process without the interpreter; returns the spill bytes."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", _HOPPER_COMPILE, json.dumps(cases)], cwd=root, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
