@@ -77,7 +77,7 @@ def _why_unusable(name: str) -> str:
         return "it needs a CUDA GPU (or TRITON_INTERPRET=1 set before importing flowkern, for CPU testing)"
     if name in ("cuda", "cpp"):
         if _EXTENSION is None:
-            return "the compiled extension flowkern._C is not built (see README: building the extension)"
+            return "the compiled extension flowkern._C is not built (see csrc/README.md)"
         return "the compiled extension was built without CUDA" if name == "cuda" else "unknown reason"
     return "unknown reason"
 

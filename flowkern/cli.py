@@ -224,7 +224,11 @@ def run_eval(args: argparse.Namespace, progress: bool) -> None:
     if args.model:
         model = _load_model(args)
         method = f"flow ({args.model})"
-        scores = {task: evaluate_pairs(model.encode, pairs[task], task) for task in tasks}
+
+        def embed(sentences: Sequence[str]):
+            return model.encode(sentences, args.batch_size_encode)
+
+        scores = {task: evaluate_pairs(embed, pairs[task], task) for task in tasks}
     else:
         encoder = _encoder(args)
         method = args.baseline if args.baseline == "pooled" else f"whitening ({args.setting})"
@@ -348,6 +352,8 @@ def _plot_anisotropy(model, corpus: Sequence[str], n_pairs: int, seed: int, path
     from flowkern.models.evaluate import cosine_similarity
 
     distinct = list(dict.fromkeys(corpus))
+    if len(distinct) < 2:
+        raise CliError(f"{task}: the anisotropy plot needs at least 2 distinct sentences, got {len(distinct)}")
     rng = np.random.default_rng(seed)
     first = rng.integers(0, len(distinct), n_pairs)
     second = (first + rng.integers(1, len(distinct), n_pairs)) % len(distinct)  # never the same sentence
@@ -435,7 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         COMMANDS[args.command](args, progress)
-    except (CliError, DataDirError, FileNotFoundError, ValueError, FloatingPointError) as error:
+    except (CliError, DataDirError, OSError, ValueError, FloatingPointError) as error:  # OSError: files, hub names
         print(f"flowkern {args.command}: error: {error}", file=sys.stderr)
         return 1
     return 0

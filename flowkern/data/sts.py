@@ -112,8 +112,9 @@ TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in (
         TaskSpec("stsb", "STS-B", "stsb-test.tsv.gz", ("stsb-train.tsv.gz", "stsb-dev.tsv.gz", "stsb-test.tsv.gz")),
-        # SICK-R's target corpus is its test sentences only (the sentences it is evaluated on).
-        TaskSpec("sickr", "SICK-R", "sickr-test.tsv.gz", ("sickr-test.tsv.gz",)),
+        # As for STS-B, the target corpus is the whole dataset (train + dev + test sentences, labels unused).
+        TaskSpec("sickr", "SICK-R", "sickr-test.tsv.gz",
+                 ("sickr-train.tsv.gz", "sickr-dev.tsv.gz", "sickr-test.tsv.gz")),
         *(TaskSpec(f"sts{year}", f"STS{year}", f"sts{year}.tsv.gz", (f"sts{year}.tsv.gz",)) for year in range(12, 17)),
     )
 }
@@ -138,7 +139,7 @@ def fit_sentences(name: str, setting: str = "target", data_dir: str | os.PathLik
                   max_pairs: int | None = None, seed: int = 0) -> list[str]:
     """Unlabelled sentences to fit a flow or whitening on.
 
-    "target": the task's own sentences (STS-B: train+dev+test; SICK-R: its test split; STS12-16: that
+    "target": the task's own sentences (STS-B and SICK-R: train+dev+test; STS12-16: that
     year's file). "train": STS-B train sentences whatever the task. ``max_pairs`` caps each file read,
     with the same seeded subset :func:`load_task` draws, so a capped target corpus covers the capped task.
     """

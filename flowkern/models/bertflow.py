@@ -74,6 +74,8 @@ class BertFlow:
             self.encoder = encoder
         else:
             self.encoder = SentenceEncoder(encoder, pooling, max_length, device, cache_dir)
+        if isinstance(flow, torch.nn.Module) and not isinstance(flow, Glow):
+            raise ValueError(f"flow must be a flowkern.nn.Glow or a Glow config dict, got {type(flow).__name__}")
         if not isinstance(flow, torch.nn.Module):
             with _seeded(seed, self.device):
                 flow = Glow(self.encoder.dim) if flow is None else Glow.from_config(flow, channels=self.encoder.dim)

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 from torch import nn
 
@@ -25,14 +28,11 @@ class ActNorm(nn.Module):
         self.register_buffer("initialized", torch.tensor(not ddi))
         # Reading the buffer costs a host sync on GPU; remember once it is known to be set.
         self._known_initialized = not ddi
-        self.register_load_state_dict_post_hook(lambda module, _: module._forget_initialized())
-
-    def _forget_initialized(self) -> None:
-        self._known_initialized = False
+        self.register_load_state_dict_post_hook(_forget_initialized)
 
     def ddi_pending(self) -> bool:
         """Whether the next call may run the data-dependent init (only the unfused ActNorm forward does it)."""
-        return self.training and not self._known_initialized
+        return self.training and not self._known_initialized and not _ddi_suspended
 
     def forward(self, x: torch.Tensor):
         check_input(x, self.channels, "ActNorm", like=self.bias)
@@ -68,6 +68,25 @@ class ActNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.channels}, logscale_factor={self.logscale_factor}"
+
+
+def _forget_initialized(module: ActNorm, incompatible_keys) -> None:
+    module._known_initialized = False
+
+
+_ddi_suspended = False
+
+
+@contextlib.contextmanager
+def suspend_ddi() -> Iterator[None]:
+    """No data-dependent init inside: inverse passes run coupling subnets on latents, which must not set
+    the init meant for data."""
+    global _ddi_suspended
+    previous, _ddi_suspended = _ddi_suspended, True
+    try:
+        yield
+    finally:
+        _ddi_suspended = previous
 
 
 def zero_log_det(x: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ from torch import nn
 from .. import ops
 from .._checks import check_input
 from ..ops.mlp_coupling import MAX_FUSED_HIDDEN
+from .actnorm import suspend_ddi
 from .subnets import LOGSCALE_FACTOR, ConvSubnet, MLPSubnet
 
 
@@ -28,6 +29,10 @@ class _Coupling(nn.Module):
             subnet = net(self.cond_channels, self.out_channels, hidden)
         self.subnet = subnet
 
+    def _parameter(self) -> torch.Tensor | None:
+        """Any subnet parameter, for the device check (None for a parameter-free subnet)."""
+        return next(self.subnet.parameters(), None)
+
     def _conditioner(self, x1: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         h = self.subnet(x1)
         expected = (like.shape[0], self.out_channels) + tuple(like.shape[2:])
@@ -37,7 +42,7 @@ class _Coupling(nn.Module):
         return h
 
     def forward(self, x: torch.Tensor):
-        check_input(x, self.channels, type(self).__name__)
+        check_input(x, self.channels, type(self).__name__, like=self._parameter())
         return self._forward(x)
 
     def _fused_subnet_params(self, x: torch.Tensor):
@@ -63,16 +68,17 @@ class _Coupling(nn.Module):
         return torch.cat([x1, z2], dim=1), log_det
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        check_input(y, self.channels, f"{type(self).__name__}.inverse")
+        check_input(y, self.channels, f"{type(self).__name__}.inverse", like=self._parameter())
         return self._inverse(y)
 
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
         y1, z2 = ops.split_channels(y)
-        params = self._fused_subnet_params(y)
-        if params is None:
-            x2 = ops.coupling_inverse(z2, self._conditioner(y1, z2), self.affine)
-        else:
-            x2 = ops.mlp_coupling_inverse(y1, z2, *params, self.affine, LOGSCALE_FACTOR)
+        with suspend_ddi():
+            params = self._fused_subnet_params(y)
+            if params is None:
+                x2 = ops.coupling_inverse(z2, self._conditioner(y1, z2), self.affine)
+            else:
+                x2 = ops.mlp_coupling_inverse(y1, z2, *params, self.affine, LOGSCALE_FACTOR)
         return torch.cat([y1, x2], dim=1)
 
     def extra_repr(self) -> str:

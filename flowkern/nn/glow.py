@@ -101,6 +101,10 @@ class Glow(nn.Module):
                           hidden=config.get("coupling_width", 32), coupling=coupling, mixing=mixing)
         else:
             known = ("levels", "depth", "hidden", "coupling", "mixing", "image")
+            unknown = set(config) - set(known) - {"channels"}
+            if unknown:
+                raise ValueError(f"Glow.from_config: unknown keys {sorted(unknown)}; expected {known} or the "
+                                 f"original keys (n_levels, depth, coupling_width, coupling, permutation)")
             kwargs = {k: config[k] for k in known if k in config}
         channels = channels if channels is not None else config.get("channels")
         if channels is None:

@@ -45,7 +45,8 @@ class InvConv1x1(nn.Module):
         return self.perm, self.lower, self.upper, self.sign_s, self.log_s
 
     def _cache_key(self):
-        return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in self._factors())
+        # id() as well: a replaced parameter can reuse a freed address with version 0.
+        return tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in self._factors())
 
     def _cacheable(self) -> bool:
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
@@ -67,6 +68,8 @@ class InvConv1x1(nn.Module):
 
     def weight(self):
         """(W [C, C], log |det W|)."""
+        if self.mixing != "lu":
+            raise ValueError(f"InvConv1x1.weight: mixing={self.mixing!r} is a fixed permutation with no LU weight")
         return self._cached("weight", lambda: ops.lu_weight(*self._factors()))
 
     def forward(self, x: torch.Tensor):

@@ -34,8 +34,11 @@ class Split(nn.Module):
         factored_shape = (y.shape[0], self.channels - self.kept_channels) + tuple(y.shape[2:])
         if factored is None:
             factored = torch.randn(factored_shape, dtype=y.dtype, device=y.device) * temperature
-        elif tuple(factored.shape) != factored_shape:
-            raise ValueError(f"Split.inverse: factored has shape {tuple(factored.shape)}, expected {factored_shape}")
+        else:
+            check_input(factored, factored_shape[1], "Split.inverse (factored)", like=y)
+            if tuple(factored.shape) != factored_shape:
+                raise ValueError(f"Split.inverse: factored has shape {tuple(factored.shape)}, "
+                                 f"expected {factored_shape}")
         return torch.cat([y, factored.to(y.dtype)], dim=1)
 
     def extra_repr(self) -> str:

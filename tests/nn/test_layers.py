@@ -1,5 +1,7 @@
 """Data-dependent init, checkpoints, caches, dtypes, configs and bad input for the flow layers."""
 
+import pickle
+
 import pytest
 import torch
 from safetensors.torch import load, save
@@ -149,8 +151,12 @@ def test_bad_input_raises_clear_value_error(layer, direction, bad):
 def test_split_inverse_checks():
     with pytest.raises(ValueError, match="expected 4 channels"):
         Split(8).inverse(torch.randn(3, 8))
-    with pytest.raises(ValueError, match="factored has shape"):
+    with pytest.raises(ValueError, match="factored\\): expected 4 channels"):
         Split(8).inverse(torch.randn(3, 4), torch.randn(3, 5))
+    with pytest.raises(ValueError, match="factored has shape"):
+        Split(8).inverse(torch.randn(3, 4), torch.randn(3, 4, 2, 2))
+    with pytest.raises(ValueError, match="factored\\): input contains NaN"):
+        Split(8).inverse(torch.randn(3, 4), torch.full((3, 4), float("nan")))
 
 
 def test_finite_check_can_be_disabled():
@@ -189,3 +195,35 @@ def test_odd_channel_counts_split_unevenly():
     y, _ = coupling(x)
     assert torch.equal(y[:, :4], x[:, :4]), "the first half(7) = 4 channels condition the other 3"
     assert rel_err(coupling.inverse(y), x) < 1e-12
+
+
+def test_modules_pickle():
+    flow = Glow(8, levels=2, depth=1, coupling="affine", mixing="lu")
+    flow(random_input(16, 8, False))
+    restored = pickle.loads(pickle.dumps(flow))
+    x = random_input(3, 8, False)
+    assert torch.equal(restored.eval()(x)[0], flow.eval()(x)[0])
+
+
+def test_inverse_in_training_mode_never_runs_ddi():
+    flow = Glow(8, levels=2, depth=2, coupling="affine", mixing="lu")
+    flow.inverse(random_input(4, 8, False) * 5)
+    assert not any(bool(m.initialized) for m in flow.modules() if isinstance(m, ActNorm))
+    flow(random_input(16, 8, False))
+    assert all(bool(m.initialized) for m in flow.modules() if isinstance(m, ActNorm))
+
+
+@pytest.mark.parametrize("layer", sorted(set(LAYERS) - {"Split"}))  # Split has no parameters
+def test_device_mismatch_is_named(layer):
+    with pytest.raises(ValueError, match="input is on meta but the layer's parameters are on cpu"):
+        LAYERS[layer]()(torch.empty(3, 8, device="meta"))
+
+
+def test_from_config_rejects_unknown_keys():
+    with pytest.raises(ValueError, match="unknown keys \\['level'\\]"):
+        Glow.from_config({"channels": 8, "level": 2})
+
+
+def test_permutation_mixing_has_no_lu_weight():
+    with pytest.raises(ValueError, match="fixed permutation"):
+        InvConv1x1(6, "reverse").weight()
