@@ -5,7 +5,9 @@ through the tensor's own strides (NCHW, channels-last, transposed or sliced view
 Everything computes in fp32 (fp64 for fp64 data); outputs come back in the input dtype.
 
 Matrix products use tl.dot: IEEE fp32 (or fp64) when the data are fp32/fp64, so results match a float64 reference
-to ~1e-6; TF32 tensor cores when the data are fp16/bf16, whose own rounding (2^-11 / 2^-8) dominates TF32's.
+to ~1e-6; split TF32 ("tf32x3", three tensor-core passes, ~fp32 accuracy) when the data are fp16/bf16. Plain TF32
+would not do there: the fp32 parameters, the folded ActNorm output and the fp32 log-det and parameter gradients
+would all carry TF32's 2^-11 rounding. (Triton's interpreter ignores input_precision, so CPU tests cannot see this.)
 
 The inverse has no kernel of its own: flowkern.ops.invconv builds W^-1 from triangular solves on the LU factors in
 float64 (never an inverse in low precision; cached in eval mode by InvConv1x1) and runs `invconv_fwd` with it.
@@ -24,7 +26,7 @@ from ._layout import compute_type, target_programs  # importing _layout also fix
 
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot input precision for data of `dtype` (see the module docstring)."""
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32x3"
 
 
 def _on_gpu(t: torch.Tensor) -> bool:

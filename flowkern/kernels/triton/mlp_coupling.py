@@ -17,8 +17,8 @@ as this program's fp32 partial sums ([programs, ...] buffers) and summed by torc
 atomics. Activations are read and written through their strides (x1, x2 are usually column slices of one x);
 the tiny parameter tensors are made contiguous.
 
-Compute is fp32 (fp64 for fp64 data); tl.dot runs IEEE for fp32/fp64 data and TF32 for fp16/bf16 data, whose own
-rounding dominates. The hidden width must be <= 64 (ops.mlp_coupling.MAX_FUSED_HIDDEN: register tiles); the channel
+Compute is fp32 (fp64 for fp64 data); tl.dot runs IEEE for fp32/fp64 data and split TF32 ("tf32x3") for fp16/bf16
+data (see kernels/triton/invconv.py: plain TF32 would degrade the fp32 log-det and parameter gradients). The hidden width must be <= 64 (ops.mlp_coupling.MAX_FUSED_HIDDEN: register tiles); the channel
 counts are unbounded.
 """
 from __future__ import annotations
@@ -36,10 +36,13 @@ def _blocks(on_gpu: bool, dtype: torch.dtype, hidden: int, backward: bool) -> di
     hp = max(16, triton.next_power_of_2(hidden))
     if on_gpu:
         # 32 rows per program: B = 4096 gives about one program per H100 SM, with fp32 partials of moderate size.
-        # Checked with ptxas for sm_90: no register spills, except a few bytes in the bf16 backward at hidden 64;
-        # the fp32 backward at hidden 64 (IEEE dots use FMA layouts, heavier) needs 16 rows per program for that.
-        rows = 16 if backward and hp == 64 and dtype in (torch.float32, torch.float64) else 32
-        return dict(BLOCK_B=rows, BLOCK_K=32, BLOCK_J=16 if backward else 32, HP=hp, num_warps=8)
+        # The backward drops to 16 rows where ptxas for sm_90 reports register spills at 32: hidden 64 (IEEE dots
+        # use FMA layouts, heavier) and fp16/bf16 data (split-TF32 dots hold three operand copies); fp16/bf16 at
+        # hidden 64 also streams 16-column chunks. The Hopper compile test bounds the remaining spills.
+        low_precision = dtype in (torch.float16, torch.bfloat16)
+        rows = 16 if backward and (hp == 64 or low_precision) else 32
+        chunk = 16 if backward and hp == 64 and low_precision else 32
+        return dict(BLOCK_B=rows, BLOCK_K=chunk, BLOCK_J=16 if backward else 32, HP=hp, num_warps=8)
     # Interpreter: each program costs ~ms, so wide column chunks; 16-row blocks so small batches still span
     # several programs (exercising the partial sums and the padded last block).
     return dict(BLOCK_B=16, BLOCK_K=64, BLOCK_J=64, HP=hp)
