@@ -90,7 +90,7 @@ def _mix_rows_kernel(x_ptr, w_ptr, bias_ptr, logs_ptr, y_ptr, N, C, S, W,
     for k0 in range(0, C, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_mask = k < C
-        x = tl.load(x_ptr + x_rows[:, None] + k[None, :] * x_sc, mask=row_mask[:, None] & k_mask[None, :],
+        x = tl.load(x_ptr + x_rows[:, None] + k.to(tl.int64)[None, :] * x_sc, mask=row_mask[:, None] & k_mask[None, :],
                     other=0.0).to(ACC)
         if HAS_ACTNORM:
             bias, scale = actnorm_scale(bias_ptr, logs_ptr, k, k_mask, logscale_factor, ACC)
@@ -99,7 +99,7 @@ def _mix_rows_kernel(x_ptr, w_ptr, bias_ptr, logs_ptr, y_ptr, N, C, S, W,
                       other=0.0).to(ACC)
         acc = tl.dot(x, w_t, acc, input_precision=PRECISION, out_dtype=ACC)
     y_rows = _row_offsets(rows, S, W, y_sb, y_sh, y_sw)
-    tl.store(y_ptr + y_rows[:, None] + co[None, :] * y_sc, acc.to(y_ptr.dtype.element_ty),
+    tl.store(y_ptr + y_rows[:, None] + co.to(tl.int64)[None, :] * y_sc, acc.to(y_ptr.dtype.element_ty),
              mask=row_mask[:, None] & co_mask[None, :])
 
 
@@ -119,7 +119,7 @@ def _mix_rows_input_grad_kernel(dy_ptr, w_ptr, x_ptr, bias_ptr, logs_ptr, dx_ptr
     for co0 in range(0, C, BLOCK_CO):
         co = co0 + tl.arange(0, BLOCK_CO)
         co_mask = co < C
-        dy = tl.load(dy_ptr + dy_rows[:, None] + co[None, :] * dy_sc, mask=row_mask[:, None] & co_mask[None, :],
+        dy = tl.load(dy_ptr + dy_rows[:, None] + co.to(tl.int64)[None, :] * dy_sc, mask=row_mask[:, None] & co_mask[None, :],
                      other=0.0).to(ACC)
         w = tl.load(w_ptr + co[:, None] * w_s0 + k[None, :] * w_s1, mask=co_mask[:, None] & k_mask[None, :],
                     other=0.0).to(ACC)
@@ -129,14 +129,14 @@ def _mix_rows_input_grad_kernel(dy_ptr, w_ptr, x_ptr, bias_ptr, logs_ptr, dx_ptr
     if HAS_ACTNORM:
         bias, scale = actnorm_scale(bias_ptr, logs_ptr, k, k_mask, logscale_factor, ACC)
         x_rows = _row_offsets(rows, S, W, x_sb, x_sh, x_sw)
-        x = tl.load(x_ptr + x_rows[:, None] + k[None, :] * x_sc, mask=mask, other=0.0).to(ACC)
+        x = tl.load(x_ptr + x_rows[:, None] + k.to(tl.int64)[None, :] * x_sc, mask=mask, other=0.0).to(ACC)
         normed = (x + bias[None, :]) * scale[None, :]
         dx = acc * scale[None, :]
         # Rows past N have dy = 0, hence acc = 0: they add nothing to the partial sums.
         tl.store(dbias_part_ptr + pid_n * C + k, tl.sum(dx, axis=0), mask=k_mask)
         tl.store(dlogs_part_ptr + pid_n * C + k, logscale_factor * tl.sum(acc * normed, axis=0), mask=k_mask)
     dx_rows = _row_offsets(rows, S, W, dx_sb, dx_sh, dx_sw)
-    tl.store(dx_ptr + dx_rows[:, None] + k[None, :] * dx_sc, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptr + dx_rows[:, None] + k.to(tl.int64)[None, :] * dx_sc, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -157,10 +157,10 @@ def _mix_rows_weight_grad_kernel(dy_ptr, x_ptr, bias_ptr, logs_ptr, dw_part_ptr,
         rows = n0 + tl.arange(0, BLOCK_N)
         row_mask = rows < N
         dy_rows = _row_offsets(rows, S, W, dy_sb, dy_sh, dy_sw)
-        dy_t = tl.load(dy_ptr + dy_rows[None, :] + co[:, None] * dy_sc, mask=co_mask[:, None] & row_mask[None, :],
+        dy_t = tl.load(dy_ptr + dy_rows[None, :] + co.to(tl.int64)[:, None] * dy_sc, mask=co_mask[:, None] & row_mask[None, :],
                        other=0.0).to(ACC)
         x_rows = _row_offsets(rows, S, W, x_sb, x_sh, x_sw)
-        x = tl.load(x_ptr + x_rows[:, None] + k[None, :] * x_sc, mask=row_mask[:, None] & k_mask[None, :],
+        x = tl.load(x_ptr + x_rows[:, None] + k.to(tl.int64)[None, :] * x_sc, mask=row_mask[:, None] & k_mask[None, :],
                     other=0.0).to(ACC)
         if HAS_ACTNORM:
             x = (x + bias[None, :]) * scale[None, :]

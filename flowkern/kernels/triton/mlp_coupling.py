@@ -37,11 +37,11 @@ def _blocks(on_gpu: bool, dtype: torch.dtype, hidden: int, backward: bool) -> di
     if on_gpu:
         # 32 rows per program: B = 4096 gives about one program per H100 SM, with fp32 partials of moderate size.
         # The backward drops to 16 rows where ptxas for sm_90 reports register spills at 32: hidden 64 (IEEE dots
-        # use FMA layouts, heavier) and fp16/bf16 data (split-TF32 dots hold three operand copies); fp16/bf16 at
-        # hidden 64 also streams 16-column chunks. The Hopper compile test bounds the remaining spills.
+        # use FMA layouts, heavier) and fp16/bf16 data (split-TF32 dots hold three operand copies); at hidden 64 it
+        # also streams 16-column chunks. The Hopper compile test bounds the remaining spills.
         low_precision = dtype in (torch.float16, torch.bfloat16)
         rows = 16 if backward and (hp == 64 or low_precision) else 32
-        chunk = 16 if backward and hp == 64 and low_precision else 32
+        chunk = 16 if backward and hp == 64 else 32
         return dict(BLOCK_B=rows, BLOCK_K=chunk, BLOCK_J=16 if backward else 32, HP=hp, num_warps=8)
     # Interpreter: each program costs ~ms, so wide column chunks; 16-row blocks so small batches still span
     # several programs (exercising the partial sums and the padded last block).
@@ -60,7 +60,7 @@ def _first_layer(x1_ptr, x1_sb, x1_sc, rows, row_mask, C1, HID, w1_ptr, b1_ptr, 
     for k0 in range(0, C1, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_mask = k < C1
-        x1 = tl.load(x1_ptr + x1_rows[:, None] + k[None, :] * x1_sc, mask=row_mask[:, None] & k_mask[None, :],
+        x1 = tl.load(x1_ptr + x1_rows[:, None] + k.to(tl.int64)[None, :] * x1_sc, mask=row_mask[:, None] & k_mask[None, :],
                      other=0.0).to(ACC)
         w1_t = tl.load(w1_ptr + hid[None, :] * C1 + k[:, None], mask=hid_mask[None, :] & k_mask[:, None],
                        other=0.0).to(ACC)
@@ -132,7 +132,7 @@ def _mlp_coupling_kernel(x1_ptr, in2_ptr, out2_ptr, log_det_ptr,
         j = j0 + tl.arange(0, BLOCK_J)
         j_mask = j < C2
         mask = row_mask[:, None] & j_mask[None, :]
-        v = tl.load(in2_ptr + in2_rows[:, None] + j[None, :] * in2_sc, mask=mask, other=0.0).to(ACC)
+        v = tl.load(in2_ptr + in2_rows[:, None] + j.to(tl.int64)[None, :] * in2_sc, mask=mask, other=0.0).to(ACC)
         if AFFINE:
             shift, _, _ = _output_layer(h2, w3_ptr, b3_ptr, l3_ptr, 2 * j, j_mask, HID, logscale_factor,
                                         ACC, PRECISION, HP)
@@ -150,7 +150,7 @@ def _mlp_coupling_kernel(x1_ptr, in2_ptr, out2_ptr, log_det_ptr,
                 out = v - o
             else:
                 out = v + o
-        tl.store(out2_ptr + out2_rows[:, None] + j[None, :] * out2_sc, out.to(out2_ptr.dtype.element_ty), mask=mask)
+        tl.store(out2_ptr + out2_rows[:, None] + j.to(tl.int64)[None, :] * out2_sc, out.to(out2_ptr.dtype.element_ty), mask=mask)
     if not INVERSE:
         tl.store(log_det_ptr + rows, log_det.to(log_det_ptr.dtype.element_ty), mask=row_mask)
 
@@ -187,8 +187,8 @@ def _mlp_coupling_bwd_kernel(dout_ptr, dlog_det_ptr, x1_ptr, in2_ptr, din2_ptr, 
         j = j0 + tl.arange(0, BLOCK_J)
         j_mask = j < C2
         mask = row_mask[:, None] & j_mask[None, :]
-        dout = tl.load(dout_ptr + dout_rows[:, None] + j[None, :] * dout_sc, mask=mask, other=0.0).to(ACC)
-        v = tl.load(in2_ptr + in2_rows[:, None] + j[None, :] * in2_sc, mask=mask, other=0.0).to(ACC)
+        dout = tl.load(dout_ptr + dout_rows[:, None] + j.to(tl.int64)[None, :] * dout_sc, mask=mask, other=0.0).to(ACC)
+        v = tl.load(in2_ptr + in2_rows[:, None] + j.to(tl.int64)[None, :] * in2_sc, mask=mask, other=0.0).to(ACC)
         if AFFINE:
             shift, w3s_t, s3s = _output_layer(h2, w3_ptr, b3_ptr, l3_ptr, 2 * j, j_mask, HID, logscale_factor,
                                               ACC, PRECISION, HP)
@@ -223,7 +223,7 @@ def _mlp_coupling_bwd_kernel(dout_ptr, dlog_det_ptr, x1_ptr, in2_ptr, din2_ptr, 
             dh2 += _output_layer_backward(do, o, h2, w3_t, s3, j, j_mask, HID, OUT, pid,
                                           dw3_part_ptr, db3_part_ptr, dl3_part_ptr, logscale_factor,
                                           ACC, PRECISION, HP)
-        tl.store(din2_ptr + din2_rows[:, None] + j[None, :] * din2_sc, din2.to(din2_ptr.dtype.element_ty),
+        tl.store(din2_ptr + din2_rows[:, None] + j.to(tl.int64)[None, :] * din2_sc, din2.to(din2_ptr.dtype.element_ty),
                  mask=mask)
 
     # Second hidden layer: ReLU, ActNorm, W2.
@@ -249,14 +249,14 @@ def _mlp_coupling_bwd_kernel(dout_ptr, dlog_det_ptr, x1_ptr, in2_ptr, din2_ptr, 
     for k0 in range(0, C1, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_mask = k < C1
-        x1 = tl.load(x1_ptr + x1_rows[:, None] + k[None, :] * x1_sc, mask=row_mask[:, None] & k_mask[None, :],
+        x1 = tl.load(x1_ptr + x1_rows[:, None] + k.to(tl.int64)[None, :] * x1_sc, mask=row_mask[:, None] & k_mask[None, :],
                      other=0.0).to(ACC)
         w_mask = hid_mask[:, None] & k_mask[None, :]
         dw1 = tl.dot(da1_t, x1, input_precision=PRECISION, out_dtype=ACC)
         tl.store(dw1_part_ptr + pid.to(tl.int64) * HID * C1 + hid[:, None] * C1 + k[None, :], dw1, mask=w_mask)
         w1 = tl.load(w1_ptr + hid[:, None] * C1 + k[None, :], mask=w_mask, other=0.0).to(ACC)
         dx1 = tl.dot(da1, w1, input_precision=PRECISION, out_dtype=ACC)
-        tl.store(dx1_ptr + dx1_rows[:, None] + k[None, :] * dx1_sc, dx1.to(dx1_ptr.dtype.element_ty),
+        tl.store(dx1_ptr + dx1_rows[:, None] + k.to(tl.int64)[None, :] * dx1_sc, dx1.to(dx1_ptr.dtype.element_ty),
                  mask=row_mask[:, None] & k_mask[None, :])
 
 
