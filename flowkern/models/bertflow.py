@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 import flowkern
 from flowkern.models.encoder import DEFAULT_MAX_LENGTH, DEFAULT_POOLING, SentenceEncoder
-from flowkern.nn import Glow
+from flowkern.nn import Glow, TrainStep
 
 FORMAT = "flowkern.bertflow"
 FORMAT_VERSION = 1
@@ -120,10 +120,14 @@ class BertFlow:
             encode_seconds = time.perf_counter() - started
 
             def batch_of(indices: torch.Tensor) -> torch.Tensor:
-                return cached[indices.to(cached.device)]
+                return cached[indices]
             backend = contextlib.nullcontext()
 
         optimizer = torch.optim.AdamW(self.flow.parameters(), lr=lr, weight_decay=weight_decay, eps=1e-6)
+        # One step = forward, backward, clipping, AdamW (a CUDA graph replay on GPU); losses stay on the device
+        # and are read once per epoch, and for the progress bar at most twice a second.
+        step = TrainStep(self.flow, optimizer, clip_norm=clip_norm, loss="bits_per_dim",
+                         graphs=False if reference else None)
         shuffler = torch.Generator().manual_seed(seed)
         steps_per_epoch = math.ceil(len(sentences) / batch_size)
         losses: list[float] = []
@@ -132,19 +136,19 @@ class BertFlow:
             self.flow.train()
             try:
                 for epoch in range(epochs):
-                    for indices in torch.randperm(len(sentences), generator=shuffler).split(batch_size):
-                        loss = bits_per_dim(self.flow, batch_of(indices))
-                        if not torch.isfinite(loss):
-                            raise FloatingPointError(
-                                f"non-finite loss ({loss.item()}) at step {len(losses) + 1} "
-                                f"(epoch {epoch + 1}); try a lower lr or additive coupling")
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        torch.nn.utils.clip_grad_norm_(self.flow.parameters(), clip_norm)
-                        optimizer.step()
-                        losses.append(loss.item())
+                    order = torch.randperm(len(sentences), generator=shuffler)
+                    if not reference:
+                        order = order.to(cached.device)  # one copy per epoch, not one per batch
+                    epoch_losses, shown = [], 0.0
+                    for indices in order.split(batch_size):
+                        epoch_losses.append(step(batch_of(indices)))
                         bar.update()
-                        bar.set_postfix(bits_per_dim=f"{losses[-1]:.3f}", refresh=False)
+                        if progress and time.perf_counter() - shown > 0.5:
+                            shown = time.perf_counter()
+                            bar.set_postfix(bits_per_dim=f"{float(epoch_losses[-1]):.3f}", refresh=False)
+                    losses += step.read(epoch_losses)
+            except FloatingPointError as error:
+                raise FloatingPointError(f"{error}; epoch {epoch + 1}") from None
             finally:
                 self.flow.eval()
         total = time.perf_counter() - started
@@ -199,10 +203,18 @@ class BertFlow:
         config_path = directory / CONFIG_FILE
         if not config_path.is_file():
             raise FileNotFoundError(f"{directory} is not a saved BertFlow model: {CONFIG_FILE} is missing")
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{config_path}: not valid JSON ({error}); the model directory is damaged") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
         if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{config_path}: not a {FORMAT} v{FORMAT_VERSION} config "
                              f"(format {config.get('format')!r}, version {config.get('format_version')!r})")
+        missing = [key for key in ("encoder", "pooling", "max_length", "flow") if key not in config]
+        if missing:
+            raise ValueError(f"{config_path}: missing keys {missing}")
         encoder = SentenceEncoder(config["encoder"], config["pooling"], config["max_length"], device, cache_dir)
         flow = Glow.from_config(config["flow"], channels=encoder.dim)
         flow.load_state_dict(load_file(directory / WEIGHTS_FILE))

@@ -5,6 +5,7 @@ from .glow import FlowStep, Glow
 from .invconv import InvConv1x1
 from .split import Split, Squeeze
 from .subnets import ConvSubnet, MLPSubnet, ZeroConv2d, ZeroLinear
+from .train_step import TrainStep
 
 __all__ = ["ActNorm", "InvConv1x1", "AdditiveCoupling", "AffineCoupling", "Split", "Squeeze", "FlowStep", "Glow",
-           "MLPSubnet", "ConvSubnet", "ZeroLinear", "ZeroConv2d"]
+           "TrainStep", "MLPSubnet", "ConvSubnet", "ZeroLinear", "ZeroConv2d"]

@@ -31,8 +31,13 @@ class ActNorm(nn.Module):
         self.register_load_state_dict_post_hook(_forget_initialized)
 
     def ddi_pending(self) -> bool:
-        """Whether the next call may run the data-dependent init (only the unfused ActNorm forward does it)."""
-        return self.training and not self._known_initialized and not _ddi_suspended
+        """Whether the next call runs the data-dependent init (only the unfused ActNorm forward does it)."""
+        if not self.training or self._known_initialized or _ddi_suspended:
+            return False
+        if bool(self.initialized):  # set by a checkpoint: read once (a host sync on GPU), then remembered
+            self._known_initialized = True
+            return False
+        return True
 
     def forward(self, x: torch.Tensor):
         check_input(x, self.channels, "ActNorm", like=self.bias)
@@ -40,9 +45,7 @@ class ActNorm(nn.Module):
 
     def _forward(self, x: torch.Tensor):
         if self.ddi_pending():
-            if not bool(self.initialized):
-                self.data_init(x)
-            self._known_initialized = True
+            self.data_init(x)
         return ops.actnorm(x, self.bias, self.logs, self.logscale_factor)
 
     @torch.no_grad()

@@ -5,11 +5,14 @@ import math
 import torch
 from torch import nn
 
-from .. import ops
+from .. import backend, ops
 from .._checks import check_input, compute_dtype
+from ..ops.glow import BACKENDS as GLOW_BACKENDS, GlowPlan, pack_forward, pack_inverse
+from ..ops.mlp_coupling import MAX_FUSED_HIDDEN
 from .actnorm import ActNorm
 from .coupling import AdditiveCoupling, AffineCoupling
 from .invconv import MIXINGS, InvConv1x1
+from .subnets import LOGSCALE_FACTOR, MLPSubnet
 
 COUPLINGS = {"additive": AdditiveCoupling, "affine": AffineCoupling}
 
@@ -63,6 +66,11 @@ class Glow(nn.Module):
     image=False (BERT-flow): input [B, C] (or [B, C, H, W] treated pixel-wise), MLP coupling nets, no squeeze.
     forward(x) -> (z, log_det): z has x's shape and holds concat(factored parts..., last level's output),
     flattened per sample; log_det excludes the prior. log_prob(x) = log N(z; 0, I) + log_det.
+
+    Paths (`path_for(x)` says which a call takes): "fused" runs the whole flow as one op (flowkern.ops.glow: one
+    kernel forward, one backward) for [B, C] input to a BERT-flow Glow (image=False, built-in MLP subnets,
+    hidden <= 64) on a kernel backend, once every ActNorm is initialized; "ops" runs the per-op kernels layer
+    by layer (image flows, user subnets, the data-dependent init call); "reference" the eager torch ops.
     """
 
     def __init__(self, channels: int, levels: int = 3, depth: int = 3, hidden: int = 32,
@@ -89,12 +97,22 @@ class Glow(nn.Module):
         self.levels = nn.ModuleList(
             nn.ModuleList(FlowStep(c, hidden, coupling, mixing, image) for _ in range(depth))
             for c in self.level_channels)
+        # Set to False to keep the per-op path (e.g. to compare the two); the fused path is used where it applies.
+        self.fuse = True
+        self._plans: dict[torch.device, GlowPlan] = {}
+        self._pack_cache: dict[str, tuple] = {}
+        # Permutation buffers may change with a checkpoint: rebuild the fused plan after loading one.
+        self.register_load_state_dict_post_hook(_drop_plans)
 
     @classmethod
     def from_config(cls, config: dict, channels: int | None = None) -> "Glow":
         """Build from this class's own config or the original BERT-flow JSON keys
         (n_levels, depth, coupling_width, coupling, permutation)."""
         if "n_levels" in config:
+            missing = [key for key in ("n_levels", "depth") if key not in config]
+            if missing:
+                raise ValueError(f"Glow.from_config: missing keys {missing} (the original config needs n_levels "
+                                 f"and depth; coupling_width, coupling and permutation are optional)")
             mixing = "reverse" if config.get("permutation", True) else "lu"
             coupling = config.get("coupling", "additive")
             kwargs = dict(levels=config["n_levels"], depth=config["depth"],
@@ -121,8 +139,97 @@ class Glow(nn.Module):
                 raise ValueError(f"{where}: height and width must be divisible by 2**levels = {factor}, "
                                  f"got shape {tuple(x.shape)}")
 
+    # ---- which path a call takes ----
+
+    def _steps(self):
+        return [step for steps in self.levels for step in steps]
+
+    def _fusable(self) -> bool:
+        """Whether the structure fits the fused op (checked per call: users may swap submodules)."""
+        if self.image or self.config["hidden"] > MAX_FUSED_HIDDEN:
+            return False
+        for step in self._steps():
+            net = step.coupling.subnet
+            if not step.coupling._builtin_mlp or type(net) is not MLPSubnet:
+                return False
+            if not (step.actnorm.logscale_factor == net.actnorm1.logscale_factor == net.actnorm2.logscale_factor
+                    == LOGSCALE_FACTOR):
+                return False
+        return True
+
+    def _ddi_pending(self) -> bool:
+        return any(m.ddi_pending() for m in self.modules() if isinstance(m, ActNorm))
+
+    def path_for(self, x: torch.Tensor) -> str:
+        """"fused", "ops" or "reference": the path forward/log_prob/inverse take for input x (see the class doc;
+        inverse additionally leaves the fused path when gradients are needed, which it does not compute)."""
+        if backend.resolve(x, "glow", GLOW_BACKENDS) == "torch":
+            return "reference"
+        if self.fuse and x.dim() == 2 and self._fusable() and not self._ddi_pending():
+            return "fused"
+        return "ops"
+
+    # ---- the fused path ----
+
+    def _plan(self, device: torch.device) -> GlowPlan:
+        plan = self._plans.get(device)
+        if plan is None:
+            steps = self._steps()
+            perms = None if self.config["mixing"] == "lu" else [step.mixing.perm for step in steps]
+            plan = GlowPlan(self.level_channels, self.config["depth"], self.config["hidden"],
+                                    self.config["coupling"] == "affine", perms, LOGSCALE_FACTOR, device)
+            self._plans[device] = plan
+        return plan
+
+    def _step_params(self) -> list[list[torch.Tensor]]:
+        """Per step, the tensors of ops.glow.STEP_PARAMS."""
+        params = []
+        for step in self._steps():
+            net = step.coupling.subnet
+            params.append([step.actnorm.bias, step.actnorm.logs, net.linear1.weight, net.actnorm1.bias,
+                           net.actnorm1.logs, net.linear2.weight, net.actnorm2.bias, net.actnorm2.logs,
+                           net.out.weight, net.out.bias, net.out.logs])
+        return params
+
+    def _needs_grad(self, x: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+
+    def _packed(self, direction: str, plan: GlowPlan, x: torch.Tensor):
+        """The packed parameters for ops.glow / ops.glow_inverse; cached while no gradient is needed (eval,
+        no_grad), keyed by every parameter's version so an optimizer step or load_state_dict refreshes it."""
+        def pack():
+            params = self._step_params()
+            if direction == "forward":
+                weights = [step.mixing.weight() for step in self._steps()] if plan.lu else None
+                return pack_forward(plan, params, weights)
+            weights = [step.mixing.inverse_weight() for step in self._steps()] if plan.lu else None
+            return pack_inverse(plan, params, weights)
+
+        if self._needs_grad(x):
+            return pack()
+        key = (plan.device,) + tuple((id(t), t._version) for t in self.parameters())
+        cached = self._pack_cache.get(direction)
+        if cached is None or cached[0] != key:
+            cached = (key, pack())
+            self._pack_cache[direction] = cached
+        return cached[1]
+
+    def _fused_forward(self, x: torch.Tensor):
+        """(z, log_det, log_prior) in one op."""
+        plan = self._plan(x.device)
+        params, mix, log_det_const = self._packed("forward", plan, x)
+        return ops.glow(x, plan, params, mix, log_det_const)
+
+    # ---- public API ----
+
     def forward(self, x: torch.Tensor):
         self._check(x, "Glow")
+        if self.path_for(x) == "fused":
+            z, log_det, _ = self._fused_forward(x)
+            return z, log_det
+        return self._forward_layers(x)
+
+    def _forward_layers(self, x: torch.Tensor):
         log_det = torch.zeros(x.shape[0], dtype=compute_dtype(x.dtype), device=x.device)
         factored = []
         h = x
@@ -153,6 +260,9 @@ class Glow(nn.Module):
 
     def inverse(self, z: torch.Tensor) -> torch.Tensor:
         self._check(z, "Glow.inverse")
+        if self.path_for(z) == "fused" and not self._needs_grad(z):
+            plan = self._plan(z.device)
+            return ops.glow_inverse(z, plan, *self._packed("inverse", plan, z))
         shapes = self._latent_shapes(z.shape)
         flat = z.reshape(z.shape[0], -1)
         sizes = [math.prod(s[1:]) for s in shapes]
@@ -168,9 +278,19 @@ class Glow(nn.Module):
         return h
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """log p(x) per sample, [B]: N(0, I) prior of the latent plus the log-det of the flow."""
-        z, log_det = self(x)
+        """log p(x) per sample, [B]: N(0, I) prior of the latent plus the log-det of the flow (on the fused path,
+        the prior comes from the same kernel)."""
+        self._check(x, "Glow.log_prob")
+        if self.path_for(x) == "fused":
+            _, log_det, log_prior = self._fused_forward(x)
+            return log_prior + log_det
+        z, log_det = self._forward_layers(x)
         return ops.gaussian_log_prob(z) + log_det
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config.items())
+
+
+def _drop_plans(module: Glow, incompatible_keys) -> None:
+    module._plans = {}
+    module._pack_cache = {}

@@ -72,6 +72,12 @@ class InvConv1x1(nn.Module):
             raise ValueError(f"InvConv1x1.weight: mixing={self.mixing!r} is a fixed permutation with no LU weight")
         return self._cached("weight", lambda: ops.lu_weight(*self._factors()))
 
+    def inverse_weight(self) -> torch.Tensor:
+        """W^-1 [C, C] in float64 from triangular solves on the factors (cached like weight())."""
+        if self.mixing != "lu":
+            raise ValueError(f"InvConv1x1.inverse_weight: mixing={self.mixing!r} is a fixed permutation")
+        return self._cached("inverse_weight", lambda: ops.lu_inverse_weight(*self._factors()))
+
     def forward(self, x: torch.Tensor):
         check_input(x, self.channels, "InvConv1x1", like=self.perm)
         return self._forward(x)
@@ -91,7 +97,7 @@ class InvConv1x1(nn.Module):
         if self.mixing != "lu":
             return ops.permute_channels(y, torch.argsort(self.perm))
         if self._cacheable():
-            return ops.invconv(y, self._cached("inverse_weight", lambda: ops.lu_inverse_weight(*self._factors())))
+            return ops.invconv(y, self.inverse_weight())
         return ops.invconv_inverse(y, *self._factors())
 
     def extra_repr(self) -> str:

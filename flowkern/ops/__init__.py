@@ -1,6 +1,7 @@
 """Functional flow ops: each dispatches to the chosen backend (see flowkern.backend)."""
 from .actnorm import actnorm, actnorm_inverse
 from .coupling import coupling, coupling_inverse
+from .glow import glow, glow_inverse
 from .invconv import actnorm_invconv, invconv, invconv_inverse, lu_inverse_weight, lu_weight, permute_channels
 from .mlp_coupling import mlp_coupling, mlp_coupling_inverse
 from .prior import gaussian_log_prob, half, split_channels, squeeze2d, unsqueeze2d
@@ -8,5 +9,6 @@ from .prior import gaussian_log_prob, half, split_channels, squeeze2d, unsqueeze
 __all__ = [
     "actnorm", "actnorm_inverse", "coupling", "coupling_inverse", "invconv", "invconv_inverse",
     "actnorm_invconv", "lu_weight", "lu_inverse_weight", "permute_channels", "mlp_coupling", "mlp_coupling_inverse",
+    "glow", "glow_inverse",
     "gaussian_log_prob", "half", "split_channels", "squeeze2d", "unsqueeze2d",
 ]

@@ -80,7 +80,8 @@ for case in json.loads(sys.argv[1]):
         if name in constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            pointee = case["activation"] if name in case["activation_args"] else "i64" if "perm" in name else "fp32"
+            pointee = (case["pointers"].get(name) or (case["activation"] if name in case["activation_args"] else
+                       "i64" if "perm" in name else "fp32"))
             signature[name] = "*" + pointee
         else:
             signature[name] = "fp32" if name == "logscale_factor" else "i32"
@@ -108,13 +109,14 @@ MAX_SPILL_BYTES = 64
 
 
 def hopper_case(module: str, kernel: str, blocks: dict, constexprs: dict, activation: str = "fp32",
-                activation_args=()) -> dict:
+                activation_args=(), pointers: dict | None = None) -> dict:
     """One kernel to compile: `blocks` as a launcher passes them (tile constexprs, num_warps, num_stages),
     plus the other constexprs (Triton types written "tl.float32"). Pointers in activation_args get
-    `activation` ("bf16", "fp32"), perm pointers i64, the rest fp32."""
+    `activation` ("bf16", "fp32"), those named in `pointers` the given type ("i32"), perm pointers i64, the
+    rest fp32."""
     tiles = {k: v for k, v in blocks.items() if k not in ("num_warps", "num_stages")}
     return dict(module=module, kernel=kernel, constexprs={**tiles, **constexprs}, activation=activation,
-                activation_args=list(activation_args), num_warps=blocks["num_warps"],
+                activation_args=list(activation_args), pointers=pointers or {}, num_warps=blocks["num_warps"],
                 num_stages=blocks.get("num_stages", 3))
 
 

@@ -1,0 +1,316 @@
+"""The fused [B, C] Glow (ops.glow; nn.Glow's "fused" path) against the float64 per-op reference: z, log-det,
+log-prob, inverse and every gradient, for additive/affine x reverse/random/LU, odd channel counts, 1-3 levels."""
+from __future__ import annotations
+
+import copy
+import importlib
+
+import pytest
+import torch
+
+import flowkern
+from flowkern import ops
+from flowkern.nn import ActNorm, AffineCoupling, Glow, MLPSubnet
+from flowkern.ops.glow import GlowPlan, glow_ref, pack_forward
+from tests.conftest import KERNEL_BACKENDS
+from tests.helpers import randomize_
+from tests.ops.kernel_cases import assert_close, device_for, grad_dtype, make
+from tests.ops.kernel_checks import (MAX_SPILL_BYTES, LauncherCalls, compile_for_hopper, hopper_case,
+                                     needs_hopper_toolchain)
+
+needs_triton = pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="needs the triton backend")
+COMBOS = [(coupling, mixing) for coupling in ("additive", "affine") for mixing in ("reverse", "random", "lu")]
+# (channels, levels): odd channel counts put the extra channel in the kept half; 131 over 3 levels gives level
+# sizes 131, 66, 33, and 130/131 span two of the interpreted kernels' 128-channel chunks. Every combination at
+# three sizes, two at a fourth (the interpreter is slow).
+CASES = ([(c, l, coupling, mixing) for c, l in [(10, 1), (10, 3), (131, 3)] for coupling, mixing in COMBOS]
+         + [(130, 2, "additive", "reverse"), (130, 2, "affine", "lu")])
+LAUNCHERS = ("glow_fwd", "glow_inv", "glow_bwd")
+
+
+def _flow(channels: int, levels: int, coupling: str, mixing: str, device, hidden: int = 16, depth: int = 2):
+    flow = Glow(channels, levels=levels, depth=depth, hidden=hidden, coupling=coupling, mixing=mixing).to(device)
+    # Mild noise: the round trip's error grows with the product of the steps' conditioning.
+    return randomize_(flow, scale=0.05)
+
+
+def _outputs_and_grads(flow: Glow, x: torch.Tensor, backend: str, dtype: torch.dtype):
+    """z, log_det, log_prob and inverse(z), then the gradients of a random weighting of all three outputs
+    with respect to x and every parameter. z's weights are representable in `dtype` (z's gradient is stored in
+    it), so the float64 reference sees the same upstream gradient."""
+    weights = torch.Generator().manual_seed(1)
+    b, c = x.shape
+    upstream = [torch.randn(shape, generator=weights, dtype=torch.float64) for shape in ((b, c), (b,), (b,))]
+    upstream[0] = upstream[0].to(dtype).double()
+    flow.zero_grad()
+    x = x.detach().clone().requires_grad_()
+    with flowkern.use_backend(backend):
+        z, log_det = flow(x)
+        log_prob = flow.log_prob(x)
+        with torch.no_grad():
+            restored = flow.inverse(z)
+        loss = sum((out.double() * u.to(out.device)).sum() for out, u in zip((z, log_det, log_prob), upstream))
+        loss.backward()
+    grads = [x.grad] + [p.grad for p in flow.parameters()]
+    return [z, log_det, log_prob, restored], grads
+
+
+def _compare(flow: Glow, x: torch.Tensor, dtype: torch.dtype) -> None:
+    reference = copy.deepcopy(flow).cpu().double()
+    expected, expected_grads = _outputs_and_grads(reference, x.detach().cpu().double(), "torch", dtype)
+    with flowkern.use_backend("triton"):
+        assert flow.path_for(x) == "fused"
+    actual, grads = _outputs_and_grads(flow, x, "triton", dtype)
+    channels, hidden = x.shape[1], flow.config["hidden"]
+    terms = channels + hidden  # values summed into each output or gradient element, per step
+    for name, a, e in zip(("z", "log_det", "log_prob", "inverse"), actual, expected):
+        assert a.shape == e.shape, name
+        assert_close(a.cpu(), e, dtype if name in ("z", "inverse") else grad_dtype(dtype), terms=terms)
+    for (name, p), g, e in zip([("x", x)] + list(flow.named_parameters()), grads, expected_grads):
+        assert g is not None, f"no gradient for {name}"
+        assert_close(g.cpu(), e, dtype if name == "x" else grad_dtype(dtype), terms=terms * x.shape[0])
+
+
+@needs_triton
+@pytest.mark.parametrize("channels, levels, coupling, mixing", CASES)
+def test_fused_matches_float64_reference(channels, levels, coupling, mixing):
+    device = device_for("triton")
+    _compare(_flow(channels, levels, coupling, mixing, device), make((37, channels), device=device),
+             torch.float32)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("coupling, mixing", [("additive", "reverse"), ("affine", "lu")])
+def test_fused_dtypes(dtype, coupling, mixing):
+    device = device_for("triton")
+    flow = _flow(67, 2, coupling, mixing, device)
+    if dtype == torch.float64:
+        flow = flow.double()
+    _compare(flow, make((21, 67), dtype, device=device), dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("layout", ["sliced", "strided"])
+def test_fused_reads_any_layout(layout):
+    device = device_for("triton")
+    _compare(_flow(130, 2, "affine", "random", device), make((37, 130), layout=layout, device=device),
+             torch.float32)
+
+
+@needs_triton
+def test_backward_walks_several_row_tiles_per_program():
+    # 150 rows = 5 tiles of 32 over the interpreter's 4 programs: partial gradients accumulate across tiles.
+    device = device_for("triton")
+    _compare(_flow(10, 2, "affine", "reverse", device, depth=3), make((150, 10), device=device), torch.float32)
+
+
+# ---- which path a call takes ----
+
+@needs_triton
+def test_path_for():
+    device = device_for("triton")
+    x = make((8, 10), device=device)
+    flow = Glow(10, levels=2, depth=2, hidden=16).to(device)
+    with flowkern.use_backend("torch"):
+        assert flow.path_for(x) == "reference"
+    flowkern.set_backend("triton")
+    assert flow.path_for(x) == "ops"        # training mode, ActNorm data-dependent init pending
+    flow.eval()
+    assert flow.path_for(x) == "fused"      # eval mode never runs the init
+    flow.train()
+    flow(x)                                 # the init call
+    assert flow.path_for(x) == "fused"
+    assert flow.path_for(x.view(8, 10, 1, 1)) == "ops"
+    for other in (Glow(10, levels=1, depth=1, hidden=128),                  # hidden too wide for registers
+                  Glow(8, levels=1, depth=1, hidden=16, image=True)):       # image flows
+        for m in other.modules():
+            if isinstance(m, ActNorm):
+                m.initialized.fill_(True)
+        assert other.to(device).path_for(make((8, other.channels, 4, 4) if other.image else (8, 10),
+                                                device=device)) == "ops"
+    flow.fuse = False                       # the per-op path on request
+    assert flow.path_for(x) == "ops"
+    user = Glow(10, levels=1, depth=1, hidden=16).to(device).eval()
+    user.levels[0][0].coupling = AffineCoupling(10, subnet=MLPSubnet(5, 10, 16)).to(device)
+    assert user.path_for(x) == "ops"
+
+
+@needs_triton
+def test_first_training_call_initializes_unfused_then_fuses(monkeypatch):
+    calls = LauncherCalls(monkeypatch, "flowkern.kernels.triton.glow", LAUNCHERS)
+    device = device_for("triton")
+    flow = Glow(10, levels=2, depth=2, hidden=16, coupling="affine").to(device)
+    x = 1.0 + 2.0 * make((33, 10), device=device)
+    flowkern.set_backend("triton")
+    flow.log_prob(x)
+    assert calls.counts["glow_fwd"] == 0
+    z, _ = flow(x)
+    (flow.log_prob(x).mean()).backward()
+    with torch.no_grad():
+        flow.inverse(z)
+    assert calls.counts == {"glow_fwd": 2, "glow_inv": 1, "glow_bwd": 1}
+    # The init on the first batch standardized it: the first level's ActNorm output has zero mean.
+    normed, _ = ops.actnorm(x, flow.levels[0][0].actnorm.bias, flow.levels[0][0].actnorm.logs, 3.0)
+    assert normed.mean(0).abs().max() < 1e-4
+
+
+@needs_triton
+def test_inverse_with_gradients_takes_the_layer_path(monkeypatch):
+    calls = LauncherCalls(monkeypatch, "flowkern.kernels.triton.glow", LAUNCHERS)
+    device = device_for("triton")
+    flow = _flow(10, 2, "additive", "reverse", device)
+    z = make((5, 10), device=device).requires_grad_()
+    flowkern.set_backend("triton")
+    flow.inverse(z).sum().backward()
+    assert calls.counts["glow_inv"] == 0 and z.grad is not None
+
+
+@needs_triton
+def test_eval_cache_follows_parameter_updates():
+    device = device_for("triton")
+    flow = _flow(10, 2, "affine", "lu", device).eval()
+    x = make((5, 10), device=device)
+    flowkern.set_backend("triton")
+    with torch.no_grad():
+        before, _ = flow(x)
+        flow.levels[0][0].coupling.subnet.out.bias.add_(0.5)
+        flow.levels[0][0].mixing.log_s.add_(0.1)
+        after, _ = flow(x)
+    with flowkern.use_backend("torch"), torch.no_grad():
+        expected, _ = flow(x)
+    assert not torch.allclose(before, after)
+    assert_close(after, expected.double(), torch.float32, terms=30)
+
+
+@needs_triton
+def test_checkpoint_with_other_permutations_rebuilds_the_plan():
+    device = device_for("triton")
+    flow = _flow(10, 2, "additive", "random", device).eval()
+    other = _flow(10, 2, "additive", "random", device).eval()
+    x = make((5, 10), device=device)
+    flowkern.set_backend("triton")
+    flow(x)
+    flow.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        z, _ = flow(x)
+        expected, _ = other(x)
+    torch.testing.assert_close(z, expected)
+
+
+# ---- the op itself ----
+
+def _plan_and_params(coupling: str, mixing: str, device):
+    flow = _flow(10, 2, coupling, mixing, device).eval()
+    plan = flow._plan(torch.device(device))
+    weights = [s.mixing.weight() for s in flow._steps()] if mixing == "lu" else None
+    return flow, plan, pack_forward(plan, flow._step_params(), weights)
+
+
+@pytest.mark.parametrize("coupling, mixing", [("affine", "random"), ("additive", "lu")])
+def test_reference_on_packed_parameters_matches_layers(coupling, mixing):
+    flow, plan, (params, mix, const) = _plan_and_params(coupling, mixing, "cpu")
+    flow = flow.double()
+    plan = flow._plan(torch.device("cpu"))
+    weights = [s.mixing.weight() for s in flow._steps()] if mixing == "lu" else None
+    params, mix, const = pack_forward(plan, flow._step_params(), weights)
+    x = make((7, 10), torch.float64)
+    with flowkern.use_backend("torch"):
+        z, log_det = flow(x)
+        log_prob = flow.log_prob(x)
+    z_ref, log_det_ref, log_prior_ref = glow_ref(x, plan, params, mix, const)
+    torch.testing.assert_close(z_ref, z)
+    torch.testing.assert_close(log_det_ref, log_det)
+    torch.testing.assert_close(log_prior_ref + log_det_ref, log_prob)
+
+
+def test_bad_input_is_named():
+    _, plan, (params, mix, const) = _plan_and_params("additive", "reverse", "cpu")
+    with pytest.raises(ValueError, match=r"expected \[B, 10\]"):
+        ops.glow(torch.randn(4, 9), plan, params, mix)
+    with pytest.raises(ValueError, match=r"expected \[B, 10\]"):
+        ops.glow(torch.randn(4, 10, 1), plan, params, mix)
+    with pytest.raises(ValueError, match="empty batch"):
+        ops.glow(torch.randn(0, 10), plan, params, mix)
+    with pytest.raises(ValueError, match="packed parameters"):
+        ops.glow(torch.randn(4, 10), plan, params[1:], mix)
+    with pytest.raises(ValueError, match="hidden width"):
+        GlowPlan([10], 1, 65, False, [torch.arange(10)], 3.0, "cpu")
+    with pytest.raises(ValueError, match="step 0 parameter shapes"):
+        pack_forward(plan, [[torch.zeros(3)] * 11] * plan.steps)
+
+
+@needs_triton
+@pytest.mark.parametrize("coupling, mixing", [("affine", "random"), ("additive", "lu")])
+def test_custom_ops_pass_opcheck(coupling, mixing):
+    device = device_for("triton")
+    _, plan, (params, mix, _) = _plan_and_params(coupling, mixing, device)
+    x = make((5, 10), device=device)
+    common = (plan.meta, plan.an_idx, plan.cp_idx, plan.z_idx)
+    flags = (plan.hidden, plan.affine, plan.lu, plan.logscale_factor)
+    torch.library.opcheck(torch.ops.flowkern.glow_fwd.default,
+                          (x.requires_grad_(), params.detach().requires_grad_(), mix.detach().requires_grad_(),
+                           *common, plan.level_steps, plan.level_channels, *flags, True, "triton"))
+    torch.library.opcheck(torch.ops.flowkern.glow_inv.default, (x.detach(), params.detach(), mix.detach(), *common,
+                                                                 *flags, "triton"))
+
+
+@needs_triton
+def test_fused_glow_compiles_without_graph_breaks():
+    device = device_for("triton")
+    flow = _flow(10, 2, "affine", "reverse", device)
+    x = make((9, 10), device=device)
+    flowkern.set_backend("triton")
+    flowkern.set_finite_checks(False)
+    flow.log_prob(x)  # eager first call: reads the ActNorms' initialized flags (a compiled graph cannot)
+    compiled = torch.compile(lambda t: -flow.log_prob(t).mean(), fullgraph=True,
+                             backend="aot_eager" if device == "cpu" else "inductor")
+    loss = compiled(x)
+    loss.backward()
+    grads = [p.grad.clone() for p in flow.parameters()]
+    flow.zero_grad()
+    expected = -flow.log_prob(x).mean()
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    for g, p in zip(grads, flow.parameters()):
+        torch.testing.assert_close(g, p.grad)
+
+
+# ---- the kernels as the GPU runs them, compiled for Hopper here ----
+
+@needs_hopper_toolchain
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kernels_compile_for_hopper_without_spills(dtype):
+    kernels = importlib.import_module("flowkern.kernels.triton.glow")
+    activation = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    pointers = dict(meta_ptr="i64", an_idx_ptr="i32", cp_idx_ptr="i32", z_idx_ptr="i32")
+    cases = []
+    for affine in (False, True):
+        for lu in (False, True):
+            constexprs = dict(AFFINE=affine, LU=lu, ACC="tl.float32", PRECISION=kernels.dot_precision(dtype))
+            blocks = kernels._blocks(True, 32)
+            cases.append(hopper_case(kernels.__name__, "_glow_fwd_kernel", blocks, {**constexprs, "SAVE": True},
+                                     activation, ("x_ptr", "z_ptr"), pointers))
+            cases.append(hopper_case(kernels.__name__, "_glow_inv_kernel", blocks, constexprs, activation,
+                                     ("x_ptr", "z_ptr"), pointers))
+            cases.append(hopper_case(kernels.__name__, "_glow_bwd_kernel", blocks, constexprs, activation,
+                                     ("dz_ptr", "z_ptr", "dx_ptr"), pointers))
+    spills = compile_for_hopper(cases)
+    assert max(spills) <= MAX_SPILL_BYTES, list(zip([(c["kernel"], c["constexprs"]) for c in cases], spills))
+
+
+# ---- real sizes on a GPU ----
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("coupling, mixing", [("additive", "reverse"), ("affine", "lu"), ("affine", "random")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_bert_flow_size(coupling, mixing, dtype):
+    flow = _flow(768, 3, coupling, mixing, "cuda", hidden=32, depth=3)
+    _compare(flow, make((4099, 768), dtype, device="cuda"), dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_odd_size():
+    _compare(_flow(131, 3, "affine", "random", "cuda", hidden=64), make((20001, 131), torch.bfloat16,
+                                                                         layout="strided", device="cuda"),
+             torch.bfloat16)
