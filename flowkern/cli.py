@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import torch
 
 from flowkern.data import SETTINGS, TASKS, DataDirError, fit_sentences, load_task, task_spec
+from flowkern.embed.job import DEFAULT_SHARD_ROWS
 
 TASK_NAMES = tuple(TASKS)
 
@@ -120,6 +122,31 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--batch-size", type=int, default=128)
     encode.add_argument("--device", default=None)
 
+    embed = commands.add_parser(
+        "embed", help="embed a large corpus with a saved model into sharded, resumable output",
+        description="Embed every row of INPUT (.txt lines, .jsonl --field, .parquet --column; a file, directory or "
+                    "glob) with a saved model, streaming, into shards of OUT (read them with "
+                    "flowkern.embed.read_output). --resume finishes an interrupted run exactly.")
+    embed.add_argument("input", nargs="+", help="input file(s), directory or glob")
+    embed.add_argument("--model", required=True, help="model directory written by `flowkern fit`")
+    embed.add_argument("--out", required=True, help="output directory (shards + manifest.json)")
+    embed.add_argument("--shard-rows", type=int, default=DEFAULT_SHARD_ROWS, help="rows per output shard")
+    embed.add_argument("--format", choices=("npy", "parquet"), default="npy",
+                       help="npy: shard-K.npy + shard-K.ids.npy; parquet: shard-K.parquet (id, embedding)")
+    embed.add_argument("--field", default="text", help="the text field of .jsonl input")
+    embed.add_argument("--column", default="text", help="the text column of .parquet input")
+    embed.add_argument("--id-column", default=None, help="take row ids from this field/column (default file:line)")
+    embed.add_argument("--pooled", action="store_true", help="write the encoder's pooled vectors (no flow)")
+    embed.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="output dtype")
+    embed.add_argument("--resume", action="store_true", help="skip the shards a previous run finished")
+    embed.add_argument("--overwrite", action="store_true", help="replace another job's output in OUT")
+    embed.add_argument("--batch-tokens", type=int, default=None,
+                       help="padded tokens per encoder batch (length-sorted batches; default 16384 on GPU, 2048 on "
+                            "CPU)")
+    embed.add_argument("--devices", default=None,
+                       help="comma-separated devices, one worker process each (e.g. cuda:0,cuda:1); default: "
+                            "every visible GPU, else this process on the CPU")
+
     evaluate = commands.add_parser("eval", help="Spearman x 100 on STS tasks for a model or a baseline",
                                    description="Evaluate a saved model, or a baseline on the encoder, on STS tasks.")
     which = evaluate.add_mutually_exclusive_group(required=True)
@@ -213,6 +240,23 @@ def run_encode(args: argparse.Namespace, progress: bool) -> None:
         embeddings = model.encode(sentences, args.batch_size, progress=progress)
     np.save(args.output, embeddings.astype(np.float32))
     print(f"wrote {embeddings.shape[0]} x {embeddings.shape[1]} float32 embeddings to {args.output}")
+
+
+def run_embed(args: argparse.Namespace, progress: bool) -> None:
+    from flowkern.embed import embed
+
+    if args.devices:
+        devices = [d.strip() for d in args.devices.split(",") if d.strip()]
+    else:
+        count = torch.cuda.device_count()
+        devices = [f"cuda:{i}" for i in range(count)] if count > 1 else None
+    report = embed(args.input, args.model, args.out, shard_rows=args.shard_rows, format=args.format,
+                   field=args.field, column=args.column, id_column=args.id_column, pooled=args.pooled,
+                   dtype=args.dtype, resume=args.resume, overwrite=args.overwrite, batch_tokens=args.batch_tokens,
+                   devices=devices, progress=progress)
+    print(f"embedded {report.rows} sentences into {report.shards} shards of {report.out_dir} "
+          f"({report.shards_skipped} shards already done) in {report.seconds:.1f} s: "
+          f"{report.rows_per_second:.0f} sentences/s")
 
 
 def run_eval(args: argparse.Namespace, progress: bool) -> None:
@@ -429,7 +473,7 @@ def _log(message: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- entry point
 
-COMMANDS = {"fit": run_fit, "encode": run_encode, "eval": run_eval, "demo": run_demo}
+COMMANDS = {"fit": run_fit, "encode": run_encode, "embed": run_embed, "eval": run_eval, "demo": run_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -441,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         COMMANDS[args.command](args, progress)
-    except (CliError, DataDirError, OSError, ValueError, FloatingPointError) as error:  # OSError: files, hub names
+    except (CliError, DataDirError, OSError, ValueError, FloatingPointError, ImportError) as error:  # OSError: files
         print(f"flowkern {args.command}: error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -53,12 +53,19 @@ def test_encode_is_independent_of_batch_padding(encoder):
 
 def test_encode_dedupes_and_keeps_input_order(encoder, monkeypatch):
     batches = []
-    original = encoder.pool_batch
-    monkeypatch.setattr(encoder, "pool_batch", lambda s, reference=False: batches.append(list(s)) or original(s))
+    original = encoder.pool_tokens
+    decode = encoder.tokenizer.decode
+
+    def recording(input_ids, attention_mask):
+        batches.append(tuple(decode(row[mask.bool()], skip_special_tokens=True)
+                             for row, mask in zip(input_ids, attention_mask)))
+        return original(input_ids, attention_mask)
+
+    monkeypatch.setattr(encoder, "pool_tokens", recording)
     fresh = ["unseen sentence number one", "unseen two", "unseen sentence number one"]
     out = encoder.encode(fresh, batch_size=1)
     assert out.shape == (3, encoder.dim) and out.dtype == torch.float32
-    assert sorted(map(tuple, batches)) == [("unseen sentence number one",), ("unseen two",)]
+    assert sorted(batches) == [("unseen sentence number one",), ("unseen two",)]
     assert torch.equal(out[0], out[2])
     encoder.encode(fresh)
     assert len(batches) == 2  # served from the memory cache

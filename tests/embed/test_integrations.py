@@ -1,0 +1,64 @@
+"""sentence-transformers modules and the Ray Data predictor, against BertFlow.encode (skipped where the optional
+dependency does not install)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flowkern.models import BertFlow
+from tests.embed.test_embed import SENTENCES
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_bert, tmp_path_factory) -> tuple[BertFlow, Path]:
+    model = BertFlow(tiny_bert, flow={"levels": 2, "depth": 2, "hidden": 16, "coupling": "affine"}, seed=0)
+    model.fit(SENTENCES, batch_size=32)
+    return model, model.save(tmp_path_factory.mktemp("model") / "flow")
+
+
+def test_sentence_transformer_encodes_saves_and_loads_with_the_flow(fitted, tmp_path):
+    pytest.importorskip("sentence_transformers", reason="sentence-transformers is not installed")
+    from sentence_transformers import SentenceTransformer
+
+    from flowkern.integrations.sentence_transformers import to_sentence_transformer
+
+    model, _ = fitted
+    expected = model.encode(SENTENCES[:20])
+    st = to_sentence_transformer(model, device="cpu")
+    np.testing.assert_allclose(st.encode(SENTENCES[:20]), expected, rtol=1e-4, atol=1e-5)
+    st.save(str(tmp_path / "st"))
+    assert any(p.name == "model.safetensors" for p in (tmp_path / "st").rglob("*"))
+    # Module classes outside sentence-transformers load only with trust_remote_code=True (flowkern's own code).
+    reloaded = SentenceTransformer(str(tmp_path / "st"), device="cpu", trust_remote_code=True)
+    np.testing.assert_allclose(reloaded.encode(SENTENCES[:20]), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_predictor_adds_embeddings_to_a_batch(fitted):
+    from flowkern.integrations.ray import BertFlowPredictor
+
+    model, model_dir = fitted
+    predictor = BertFlowPredictor(str(model_dir), column="sentence")
+    out = predictor({"sentence": np.array(SENTENCES[:9]), "key": np.arange(9)})
+    np.testing.assert_array_equal(out["key"], np.arange(9))
+    np.testing.assert_allclose(out["embedding"], model.encode(SENTENCES[:9]), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="no column 'sentence'"):
+        predictor({"text": np.array(["a"])})
+
+
+def test_ray_data_map_batches_on_a_local_instance(fitted):
+    ray = pytest.importorskip("ray", reason="ray is not installed")
+    from flowkern.integrations.ray import BertFlowPredictor
+
+    model, model_dir = fitted
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    try:
+        ds = ray.data.from_items([{"text": s, "row": i} for i, s in enumerate(SENTENCES[:40])])
+        rows = ds.map_batches(BertFlowPredictor, fn_constructor_kwargs={"model_dir": str(model_dir)},
+                              concurrency=1, batch_size=16, batch_format="numpy").take_all()
+    finally:
+        ray.shutdown()
+    rows.sort(key=lambda r: r["row"])
+    embeddings = np.stack([r["embedding"] for r in rows])
+    np.testing.assert_allclose(embeddings, model.encode(SENTENCES[:40]), rtol=1e-4, atol=1e-5)
