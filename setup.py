@@ -54,6 +54,9 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.2"],
+        "parquet": ["pyarrow"],                       # .parquet input/output of `flowkern embed`
+        "sentence-transformers": ["sentence-transformers>=5"],
+        "ray": ["ray[data]"],
         "dev": ["pytest", "pytest-benchmark", "triton>=3.2"],
     },
     entry_points={"console_scripts": ["flowkern = flowkern.cli:main"]},

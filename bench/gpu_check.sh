@@ -60,8 +60,14 @@ bench_budget=$(( TOTAL_BUDGET_S - elapsed - 60 ))
 [ "$bench_budget" -ge 60 ] || bench_budget=60
 echo "== benchmarks (bench/gpu_bench.py), starting new cases for ${bench_budget}s =="
 # The hard limit leaves room for the case running when the budget ends; the report is rewritten after every case.
+# The fit and embedding rows need the STS data: $FLOWKERN_DATA, else ../shared/data/sts or ./sts-data (a copy
+# carried to a machine without ../shared); without it those rows are left out.
+data_args=()
+for candidate in "${FLOWKERN_DATA:-}" "$REPO/../shared/data/sts" "$REPO/sts-data"; do
+    if [ -n "$candidate" ] && [ -f "$candidate/stsb-test.tsv.gz" ]; then data_args=(--data-dir "$candidate"); break; fi
+done
 timeout $(( bench_budget + 90 )) "$PYTHON" "$REPO/bench/gpu_bench.py" --budget-s "$bench_budget" \
-    --out-dir "$RESULTS" 2>&1 | tee "$stem-bench.log"
+    --out-dir "$RESULTS" "${data_args[@]}" 2>&1 | tee "$stem-bench.log"
 bench_rc=${PIPESTATUS[0]}
 case "$bench_rc" in
     0) ;;

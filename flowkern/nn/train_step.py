@@ -9,6 +9,9 @@ from torch import nn
 from .._checks import finite_checks
 
 LOSSES = ("nll", "bits_per_dim")
+# Eager runs of a batch shape before it is captured: nothing may compile, allocate caches or read the host
+# while a graph is being recorded, and the first run of a fresh flow takes the data-dependent-init path.
+EAGER_RUNS_BEFORE_CAPTURE = 2
 
 
 class TrainStep:
@@ -19,9 +22,10 @@ class TrainStep:
     the device. A non-finite loss is recorded on the device and raised (FloatingPointError naming the step,
     1-based) by the next `check()` or `read()`; on CPU, where reading costs nothing, by the step itself.
 
-    On CUDA (graphs=None: whenever the flow is on a GPU) each batch shape runs eagerly the first time (on a side
-    stream: that call also does ActNorm's data-dependent init) and is captured as a CUDA graph the second time;
-    later batches of that shape are one graph replay. A new shape (the last, smaller batch of an epoch) captures
+    On CUDA (graphs=None: whenever the flow is on a GPU) each batch shape runs eagerly the first two times (on a
+    side stream: the first call also does ActNorm's data-dependent init on the per-op path, the second compiles
+    and initializes what the fast path needs) and is captured as a CUDA graph the third time; later batches of
+    that shape are one graph replay. A new shape (the last, smaller batch of an epoch) captures
     its own graph; graphs share one memory pool. An lr change in the param groups recaptures. The optimizer's
     param groups are switched to capturable=True (same update, state kept on the device); Adam/AdamW with
     foreach or fused implementations hold the same state as without graphs.
@@ -100,7 +104,7 @@ class TrainStep:
         if entry is None:
             seen = self._seen.get(key, 0)
             self._seen[key] = seen + 1
-            if seen == 0:
+            if seen < EAGER_RUNS_BEFORE_CAPTURE:
                 return self._side_stream_step(x)
             entry = self._capture(x, key)
         static_x, static_loss, graph = entry

@@ -98,9 +98,6 @@ class GlowPlan:
         self.cp_idx, self.z_idx = cp_idx.to(device), z_idx.to(device)
         self.device = torch.device(device)
 
-    def step_level_channels(self, s: int) -> int:
-        return self.level_channels[s // self.depth]
-
 
 def _numel(shape) -> int:
     n = 1
@@ -305,15 +302,19 @@ def _(z, params, mix, meta, an_idx, cp_idx, z_idx, hidden, affine, lu, logscale_
 
 # ---- public entry points ----
 
-def _check(t: torch.Tensor, plan: GlowPlan, params: torch.Tensor, where: str) -> None:
+def _check(t: torch.Tensor, plan: GlowPlan, params: torch.Tensor, mix: torch.Tensor, where: str) -> None:
     if t.dim() != 2 or t.shape[1] != plan.channels:
         raise ValueError(f"{where}: expected [B, {plan.channels}] input, got shape {tuple(t.shape)}")
     if t.shape[0] == 0:
         raise ValueError(f"{where}: empty batch")
+    if not t.is_floating_point():
+        raise ValueError(f"{where}: expected a floating-point tensor, got {t.dtype}")
     if t.device != params.device or t.device != plan.device:
         raise ValueError(f"{where}: input on {t.device}, parameters on {params.device}, plan on {plan.device}")
     if params.numel() != plan.params_numel:
         raise ValueError(f"{where}: {params.numel()} packed parameters, the plan expects {plan.params_numel}")
+    if mix.numel() != plan.mix_numel:
+        raise ValueError(f"{where}: {mix.numel()} packed LU values, the plan expects {plan.mix_numel}")
 
 
 def glow(x: torch.Tensor, plan: GlowPlan, params: torch.Tensor, mix: torch.Tensor,
@@ -322,7 +323,7 @@ def glow(x: torch.Tensor, plan: GlowPlan, params: torch.Tensor, mix: torch.Tenso
 
     params, mix, log_det_const come from pack_forward. log_det and log_prior are float32 (float64 for float64 x).
     """
-    _check(x, plan, params, "glow")
+    _check(x, plan, params, mix, "glow")
     impl = backend.resolve(x, "glow", BACKENDS)
     if impl == "torch":
         return glow_ref(x, plan, params, mix, log_det_const)
@@ -338,7 +339,7 @@ def glow(x: torch.Tensor, plan: GlowPlan, params: torch.Tensor, mix: torch.Tenso
 def glow_inverse(z: torch.Tensor, plan: GlowPlan, params: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
     """x with glow(x)[0] = z; params, mix from pack_inverse. Kernel backends have no backward for it: callers
     needing gradients through the inverse use the per-op path (nn.Glow does)."""
-    _check(z, plan, params, "glow_inverse")
+    _check(z, plan, params, mix, "glow_inverse")
     impl = backend.resolve(z, "glow_inverse", BACKENDS)
     if impl == "torch":
         return glow_inverse_ref(z, plan, params, mix)

@@ -116,7 +116,7 @@ def test_bad_arguments_are_named():
 @pytest.mark.parametrize("coupling, mixing", [("additive", "reverse"), ("affine", "lu")])
 def test_gpu_graph_replays_match_plain_loop(coupling, mixing):
     flow = Glow(384, levels=3, depth=3, hidden=32, coupling=coupling, mixing=mixing).cuda()
-    # 13 batches: eager (first of its shape), captured, then replays; the short last batch runs eagerly.
+    # 13 batches: two eager (first two of the shape), captured, then replays; the short last batch runs eagerly.
     batches = _batches("cuda", channels=384, rows=64 * 12 + 20, batch=64)
     _assert_same_training(flow, batches, 1.0, "auto", rtol=1e-4)
 
@@ -126,12 +126,12 @@ def test_gpu_replays_do_not_sync_and_detect_non_finite_losses():
     flow = Glow(384, levels=3, depth=3, hidden=32).cuda()
     step = TrainStep(flow, torch.optim.AdamW(flow.parameters(), lr=1e-3))
     batches = _batches("cuda", channels=384, rows=64 * 8, batch=64)
-    for x in batches[:2]:
-        step(x)  # eager, then capture + replay
+    for x in batches[:3]:
+        step(x)  # eager (init), eager, then capture + replay
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        losses = [step(x) for x in batches[2:6]]
+        losses = [step(x) for x in batches[3:6]]
         bad = batches[6].clone()
         bad[0, 0] = float("inf")
         losses.append(step(bad))

@@ -234,6 +234,10 @@ def test_bad_input_is_named():
         ops.glow(torch.randn(0, 10), plan, params, mix)
     with pytest.raises(ValueError, match="packed parameters"):
         ops.glow(torch.randn(4, 10), plan, params[1:], mix)
+    with pytest.raises(ValueError, match="packed LU values"):
+        ops.glow(torch.randn(4, 10), plan, params, torch.zeros(3))
+    with pytest.raises(ValueError, match="floating-point"):
+        ops.glow(torch.ones(4, 10, dtype=torch.int64), plan, params, mix)
     with pytest.raises(ValueError, match="hidden width"):
         GlowPlan([10], 1, 65, False, [torch.arange(10)], 3.0, "cpu")
     with pytest.raises(ValueError, match="step 0 parameter shapes"):
