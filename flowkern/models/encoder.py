@@ -168,14 +168,16 @@ class SentenceEncoder:
         """Pooled float32 embeddings [B, D] of one batch.
 
         reference=True is the original recipe: padded to max_length, dropout on, full precision.
-        Otherwise padded to the batch's longest sentence, dropout off, bf16 autocast on CUDA.
+        Otherwise the fast path of :meth:`pool_tokens`, padded to the batch's longest sentence.
         """
         batch = self.tokenizer(list(sentences), padding="max_length" if reference else True, truncation=True,
-                               max_length=self.max_length, return_tensors="pt").to(self.device)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and not reference)
-        self.model.train(reference)
+                               max_length=self.max_length, return_tensors="pt")
+        if not reference:
+            return self.pool_tokens(batch["input_ids"], batch["attention_mask"])
+        batch = batch.to(self.device)
+        self.model.train()
         try:
-            with torch.no_grad(), autocast:
+            with torch.no_grad():
                 outputs = self.model(**batch, output_hidden_states=True)
         finally:
             self.model.eval()
