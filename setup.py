@@ -1,8 +1,13 @@
-"""flowkern: pure Python by default; the compiled extension flowkern._C is optional.
+"""flowkern: fused normalizing-flow layers; builds the compiled extension flowkern._C from csrc/ when it can.
 
-FLOWKERN_BUILD_EXTENSION=1 builds csrc/ (CUDA kernels when torch has CUDA, else the C++ CPU path) with
-torch.utils.cpp_extension. Without it, or without sources, the package installs as pure Python and the
-"torch" and "triton" backends serve every op.
+The extension (the "cpp" backend on CPU tensors, "cuda" on CUDA tensors) is built by default:
+  - CUDA kernels too when torch has CUDA and nvcc is found (CUDA_HOME honoured; TORCH_CUDA_ARCH_LIST, default
+    "8.0;9.0"), else the C++ CPU path only;
+  - FLOWKERN_BUILD_EXTENSION=0 skips it: the package installs as pure Python and the "torch" / "triton" backends
+    serve every op;
+  - FLOWKERN_CPU_ARCH (default "native") is passed as -march= to the C++ CPU kernels; set it empty for a binary
+    that must run on other CPUs than the build machine's.
+Build in place for development: pip install --no-build-isolation -e .   (ninja builds the sources in parallel)
 """
 import glob
 import os
@@ -12,25 +17,39 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def _nvidia_wheel_includes() -> list[str]:
+    """Include dirs of the nvidia-* wheels torch installs (cuda runtime, cublas, ...): a pip-installed CUDA torch
+    takes its headers from there, which a bare toolkit does not always match."""
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    return sorted(d for base in nvidia.__path__ for d in glob.glob(os.path.join(base, "*", "include")))
+
+
 def extension_modules():
-    if os.environ.get("FLOWKERN_BUILD_EXTENSION") != "1":
+    if os.environ.get("FLOWKERN_BUILD_EXTENSION", "1") == "0":
         return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    binding = os.path.join("csrc", "bindings.cpp")
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    binding = os.path.join("csrc", "bindings.cpp")
-    if not os.path.exists(os.path.join(ROOT, binding)):
-        raise SystemExit("FLOWKERN_BUILD_EXTENSION=1 but csrc/bindings.cpp does not exist yet: no extension to build")
-    import torch
-    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
-
     include_dirs = [os.path.join(ROOT, "csrc")]
-    if torch.version.cuda and cuda_sources:
-        ext = CUDAExtension("flowkern._C", [binding, *cpu_sources, *cuda_sources], include_dirs=include_dirs,
-                            define_macros=[("FLOWKERN_WITH_CUDA", "1")],
-                            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]})
+    arch = os.environ.get("FLOWKERN_CPU_ARCH", "native")
+    # -fopenmp: at::parallel_for (the kernels' ParallelFor) is an inline OpenMP loop in torch's CPU builds, serial
+    # unless the extension itself is compiled with OpenMP. The C++ standard is torch's.
+    cxx_flags = ["-O3", "-fopenmp"] + ([f"-march={arch}"] if arch else [])
+    if torch.version.cuda and CUDA_HOME and cuda_sources:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        ext = CUDAExtension(
+            "flowkern._C", [binding, *cpu_sources, *cuda_sources], include_dirs=include_dirs + _nvidia_wheel_includes(),
+            define_macros=[("FLOWKERN_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]}, extra_link_args=["-fopenmp"])
     else:
         ext = CppExtension("flowkern._C", [binding, *cpu_sources], include_dirs=include_dirs,
-                           extra_compile_args=["-O3"])
+                           extra_compile_args=cxx_flags, extra_link_args=["-fopenmp"])
     return [ext], {"build_ext": BuildExtension}
 
 
@@ -57,7 +76,7 @@ setup(
         "parquet": ["pyarrow"],                       # .parquet input/output of `flowkern embed`
         "sentence-transformers": ["sentence-transformers>=5"],
         "ray": ["ray[data]"],
-        "dev": ["pytest", "pytest-benchmark", "triton>=3.2"],
+        "dev": ["pytest", "pytest-benchmark", "triton>=3.2", "ninja"],
     },
     entry_points={"console_scripts": ["flowkern = flowkern.cli:main"]},
     ext_modules=ext_modules,

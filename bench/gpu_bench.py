@@ -3,7 +3,7 @@
     PYTHONPATH=. python bench/gpu_bench.py                  # CUDA: full run, results in bench/results/
     PYTHONPATH=. python bench/gpu_bench.py --smoke          # CPU: tiny sizes, checks the harness itself
 
-Variants per case: each backend usable on the device ("torch" eager, "triton", later "cuda"), plus
+Variants per case: each backend usable on the device ("torch" eager, "triton", "cuda" when flowkern._C is built), plus
 "torch.compile" (the torch backend compiled with inductor). Times are medians of triton.testing.do_bench on CUDA
 (wall-clock medians on CPU). For the memory-bound ops the table also gives the achieved bandwidth (the minimum
 bytes an implementation must read and write, over the time) and its share of the measured device copy bandwidth.
@@ -42,7 +42,7 @@ TARGET_SHARE_OF_COPY = 0.80   # the issue's bandwidth target for ActNorm and the
 @dataclasses.dataclass
 class Case:
     """One thing to time: `setup(variant)` builds the callable to time (run once untimed first)."""
-    family: str                      # "op", "nn", "glow"
+    family: str                      # "op", "nn", "glow", "dispatch", "fit", "embed"
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
@@ -172,6 +172,25 @@ def op_cases(shapes, dtypes, device, compiler: Compiler) -> list[Case]:
                     moved = None if passes is None else passes * _element_bytes(shape, dtype)
                     cases.append(_op_case(name, fn, make_args, shape, dtype, mode, device, compiler, moved))
     return cases
+
+
+DISPATCH_CALLS = 100
+
+
+def dispatch_cases(device) -> list[Case]:
+    """Host overhead per op call: DISPATCH_CALLS ActNorm forwards at B=64 back to back. The row's ms against its
+    gpu_busy_ms shows how much of a small op's time is Python / dispatch rather than GPU work."""
+    def setup(variant: str):
+        x, bias, logs = _actnorm_args((64, 768), torch.float32, device)
+
+        def calls():
+            with flowkern.use_backend(variant), torch.no_grad():
+                for _ in range(DISPATCH_CALLS):
+                    ops.actnorm(x, bias, logs, 3.0)
+        return calls
+    variants = [name for name in flowkern.backends() if backend.usable_on(name, device)]
+    return [Case("dispatch", f"actnorm x{DISPATCH_CALLS} calls", (64, 768), torch.float32, "forward", setup,
+                 variants=variants)]
 
 
 NN_LAYERS = {   # layer name in flowkern.nn -> constructor arguments after the channel count
@@ -575,6 +594,7 @@ def plan(args, device: torch.device, compiler: Compiler) -> list[Case]:
     """All cases, most important first (the time budget cuts from the end)."""
     if args.smoke:
         return (op_cases([(16, 12), (2, 3, 4, 4)], [torch.float32, torch.bfloat16], device, compiler)
+                + dispatch_cases(device)
                 + nn_cases([(16, 12)], device, compiler)
                 + glow_cases([8], [torch.float32], device, compiler,
                              configs=[(12, 2, 2, 8, "additive", "reverse"), (12, 2, 2, 8, "affine", "lu")],
@@ -587,6 +607,7 @@ def plan(args, device: torch.device, compiler: Compiler) -> list[Case]:
     compiled = (COMPILED, COMPILED_RO)
     uncompiled = tuple(v for v in GLOW_VARIANTS if v not in compiled)
     return (glow_cases([64, 65536], [torch.float32], device, compiler, variants=uncompiled)
+            + dispatch_cases(device)
             + fit_cases(args.data_dir)
             + embed_cases(args.data_dir)
             + glow_cases([64, 65536], [torch.float32], device, compiler, variants=compiled)

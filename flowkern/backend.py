@@ -18,8 +18,13 @@ from typing import Iterator
 import torch
 
 NAMES = ("torch", "triton", "cuda", "cpp")
-# Fastest first; "auto" never picks the Triton interpreter on CPU because it is ~1000x slower than eager.
+# Fastest first; "auto" never picks the Triton interpreter on CPU because it is ~1000x slower than eager. On CUDA
+# the Triton kernels come first until the CUDA C++ kernels are measured faster on a GPU.
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
+# Ops for which "auto" passes over a backend that is measured no faster than the next one on that device
+# (bench/cpu_compare.py, bench/results/2026-11-27-cpu-cpp-vs-torch.json: the standalone coupling epilogue and the
+# BERT-flow MLP coupling ran at 0.83x-1.1x of eager torch on CPU; inside the whole-Glow kernel they are fused).
+_AUTO_SKIP = {("cpu", "cpp"): frozenset({"coupling", "coupling_inverse", "mlp_coupling", "mlp_coupling_inverse"})}
 
 # A plain module global, not a ContextVar: torch.compile (dynamo) traces a global read and guards on its value,
 # so a compiled model recompiles when the backend changes, while a ContextVar read breaks the graph.
@@ -27,18 +32,18 @@ _current = "auto"
 
 
 def _load_extension():
-    """flowkern._C if it was built, else None (the package works without it)."""
+    """(flowkern.kernels.compiled, None) if flowkern._C was built and loads, else (None, why not)."""
     try:
-        return importlib.import_module("flowkern._C")
-    except ImportError:
-        return None
+        return importlib.import_module("flowkern.kernels.compiled"), None
+    except ImportError as error:  # not built (ModuleNotFoundError), or built against another torch (undefined symbol)
+        return None, str(error)
 
 
 # Facts fixed for the process, read once at import so that torch.compile traces plain constants.
 # TRITON_INTERPRET must be set before triton (and so flowkern) is imported anyway.
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 _TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-_EXTENSION = _load_extension()
+_EXTENSION, _EXTENSION_ERROR = _load_extension()
 
 
 def usable_on(name: str, device: torch.device) -> bool:
@@ -52,7 +57,7 @@ def usable_on(name: str, device: torch.device) -> bool:
             return torch.cuda.is_available()
         return device.type == "cpu" and _TRITON_INTERPRETED
     if name == "cuda":
-        return _EXTENSION is not None and device.type == "cuda" and getattr(_EXTENSION, "has_cuda", False)
+        return _EXTENSION is not None and device.type == "cuda" and _EXTENSION.has_cuda and torch.cuda.is_available()
     if name == "cpp":
         return _EXTENSION is not None and device.type == "cpu"
     return False
@@ -77,8 +82,12 @@ def _why_unusable(name: str) -> str:
         return "it needs a CUDA GPU (or TRITON_INTERPRET=1 set before importing flowkern, for CPU testing)"
     if name in ("cuda", "cpp"):
         if _EXTENSION is None:
-            return "the compiled extension flowkern._C is not built (see csrc/README.md)"
-        return "the compiled extension was built without CUDA" if name == "cuda" else "unknown reason"
+            return (f"the compiled extension flowkern._C does not load ({_EXTENSION_ERROR}); build it with "
+                    "`pip install --no-build-isolation -e .` (see csrc/README.md)")
+        if name == "cuda":
+            return ("the compiled extension was built without CUDA (rebuild with a CUDA torch and nvcc)"
+                    if not _EXTENSION.has_cuda else "it runs CUDA tensors only")
+        return "it runs CPU tensors only"
     return "unknown reason"
 
 
@@ -121,7 +130,8 @@ def resolve(x: torch.Tensor, op: str, available: tuple[str, ...] = NAMES) -> str
     name = current()
     if name == "auto":
         for candidate in _AUTO_ORDER.get(x.device.type, ("torch",)):
-            if candidate in available and usable_on(candidate, x.device):
+            if (candidate in available and usable_on(candidate, x.device)
+                    and op not in _AUTO_SKIP.get((x.device.type, candidate), ())):
                 return candidate
         return "torch"
     if name not in available:

@@ -163,6 +163,8 @@ class Glow(nn.Module):
     def path_for(self, x: torch.Tensor) -> str:
         """"fused", "ops" or "reference": the path forward/log_prob/inverse take for input x (see the class doc;
         inverse additionally leaves the fused path when gradients are needed, which it does not compute)."""
+        if backend.current() not in GLOW_BACKENDS + ("auto",):
+            return "ops"    # a backend with per-op kernels only ("cuda": the whole Glow runs on Triton there)
         if backend.resolve(x, "glow", GLOW_BACKENDS) == "torch":
             return "reference"
         if self.fuse and x.dim() == 2 and self._fusable() and not self._ddi_pending():

@@ -30,7 +30,7 @@ def actnorm_inverse_ref(y, bias, logs, logscale_factor):
     return x.to(y.dtype)
 
 
-_KERNEL_BACKENDS = ("triton",)          # "cuda", "cpp" join later
+_KERNEL_BACKENDS = ("triton", "cuda", "cpp")
 
 
 @torch.library.custom_op("flowkern::actnorm_fwd", mutates_args=())

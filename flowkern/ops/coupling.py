@@ -33,7 +33,7 @@ def coupling_inverse_ref(z2, h, affine: bool):
     return x2.to(z2.dtype)
 
 
-_KERNEL_BACKENDS = ("triton",)          # "cuda", "cpp" join later
+_KERNEL_BACKENDS = ("triton", "cuda", "cpp")
 
 
 @torch.library.custom_op("flowkern::coupling_fwd", mutates_args=())

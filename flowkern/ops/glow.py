@@ -21,7 +21,7 @@ from .coupling import coupling_inverse_ref, coupling_ref
 from .mlp_coupling import MAX_FUSED_HIDDEN, mlp_subnet_ref
 from .prior import gaussian_log_prob_ref, half
 
-_KERNEL_BACKENDS = ("triton",)
+_KERNEL_BACKENDS = ("triton", "cpp")   # on CUDA tensors the Triton kernel serves the whole Glow
 BACKENDS = ("torch",) + _KERNEL_BACKENDS
 
 # Per-step parameters in packing order (the ActNorm pair is left out of LU flows, where it is folded into W).

@@ -77,7 +77,7 @@ def actnorm_invconv_ref(x, bias, logs, logscale_factor, weight, weight_log_det):
     return invconv_ref(normed, weight), log_det + weight_log_det.to(log_det.dtype) * pixels
 
 
-_KERNEL_BACKENDS = ("triton",)
+_KERNEL_BACKENDS = ("triton", "cuda", "cpp")
 
 
 # ---- W from the LU factors ----

@@ -21,7 +21,7 @@ from .coupling import coupling_inverse_ref, coupling_ref
 # Kernels keep a [rows, hidden] tile of each hidden layer in registers; wider subnets use the unfused path.
 MAX_FUSED_HIDDEN = 64
 
-_KERNEL_BACKENDS = ("triton",)
+_KERNEL_BACKENDS = ("triton", "cuda", "cpp")
 
 
 def mlp_subnet_ref(x1, w1, b1, l1, w2, b2, l2, w3, b3, l3, logscale_factor):

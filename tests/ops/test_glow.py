@@ -19,6 +19,10 @@ from tests.ops.kernel_checks import (MAX_SPILL_BYTES, LauncherCalls, compile_for
                                      needs_hopper_toolchain)
 
 needs_triton = pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="needs the triton backend")
+# Kernel backends with a whole-Glow kernel here: Triton (GPU, or the interpreter) and the compiled CPU kernel.
+GLOW_BACKENDS = [b for b in KERNEL_BACKENDS if b in ("triton", "cpp")]
+each_backend = pytest.mark.parametrize("impl", GLOW_BACKENDS)
+LAUNCHER_MODULES = {"triton": "flowkern.kernels.triton.glow", "cpp": "flowkern.kernels.compiled"}
 COMBOS = [(coupling, mixing) for coupling in ("additive", "affine") for mixing in ("reverse", "random", "lu")]
 # (channels, levels): odd channel counts put the extra channel in the kept half; 131 over 3 levels gives level
 # sizes 131, 66, 33, and 130/131 span two of the interpreted kernels' 128-channel chunks. Every combination at
@@ -55,12 +59,12 @@ def _outputs_and_grads(flow: Glow, x: torch.Tensor, backend: str, dtype: torch.d
     return [z, log_det, log_prob, restored], grads
 
 
-def _compare(flow: Glow, x: torch.Tensor, dtype: torch.dtype) -> None:
+def _compare(flow: Glow, x: torch.Tensor, dtype: torch.dtype, impl: str = "triton") -> None:
     reference = copy.deepcopy(flow).cpu().double()
     expected, expected_grads = _outputs_and_grads(reference, x.detach().cpu().double(), "torch", dtype)
-    with flowkern.use_backend("triton"):
+    with flowkern.use_backend(impl):
         assert flow.path_for(x) == "fused"
-    actual, grads = _outputs_and_grads(flow, x, "triton", dtype)
+    actual, grads = _outputs_and_grads(flow, x, impl, dtype)
     channels, hidden = x.shape[1], flow.config["hidden"]
     terms = channels + hidden  # values summed into each output or gradient element, per step
     for name, a, e in zip(("z", "log_det", "log_prob", "inverse"), actual, expected):
@@ -71,50 +75,50 @@ def _compare(flow: Glow, x: torch.Tensor, dtype: torch.dtype) -> None:
         assert_close(g.cpu(), e, dtype if name == "x" else grad_dtype(dtype), terms=terms * x.shape[0])
 
 
-@needs_triton
+@each_backend
 @pytest.mark.parametrize("channels, levels, coupling, mixing", CASES)
-def test_fused_matches_float64_reference(channels, levels, coupling, mixing):
-    device = device_for("triton")
+def test_fused_matches_float64_reference(impl, channels, levels, coupling, mixing):
+    device = device_for(impl)
     _compare(_flow(channels, levels, coupling, mixing, device), make((37, channels), device=device),
-             torch.float32)
+             torch.float32, impl)
 
 
-@needs_triton
+@each_backend
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("coupling, mixing", [("additive", "reverse"), ("affine", "lu")])
-def test_fused_dtypes(dtype, coupling, mixing):
-    device = device_for("triton")
+def test_fused_dtypes(impl, dtype, coupling, mixing):
+    device = device_for(impl)
     flow = _flow(67, 2, coupling, mixing, device)
     if dtype == torch.float64:
         flow = flow.double()
-    _compare(flow, make((21, 67), dtype, device=device), dtype)
+    _compare(flow, make((21, 67), dtype, device=device), dtype, impl)
 
 
-@needs_triton
+@each_backend
 @pytest.mark.parametrize("layout", ["sliced", "strided"])
-def test_fused_reads_any_layout(layout):
-    device = device_for("triton")
+def test_fused_reads_any_layout(impl, layout):
+    device = device_for(impl)
     _compare(_flow(130, 2, "affine", "random", device), make((37, 130), layout=layout, device=device),
-             torch.float32)
+             torch.float32, impl)
 
 
-@needs_triton
-def test_backward_walks_several_row_tiles_per_program():
+@each_backend
+def test_backward_walks_several_row_tiles_per_program(impl):
     # 150 rows = 5 tiles of 32 over the interpreter's 4 programs: partial gradients accumulate across tiles.
-    device = device_for("triton")
-    _compare(_flow(10, 2, "affine", "reverse", device, depth=3), make((150, 10), device=device), torch.float32)
+    device = device_for(impl)
+    _compare(_flow(10, 2, "affine", "reverse", device, depth=3), make((150, 10), device=device), torch.float32, impl)
 
 
 # ---- which path a call takes ----
 
-@needs_triton
-def test_path_for():
-    device = device_for("triton")
+@each_backend
+def test_path_for(impl):
+    device = device_for(impl)
     x = make((8, 10), device=device)
     flow = Glow(10, levels=2, depth=2, hidden=16).to(device)
     with flowkern.use_backend("torch"):
         assert flow.path_for(x) == "reference"
-    flowkern.set_backend("triton")
+    flowkern.set_backend(impl)
     assert flow.path_for(x) == "ops"        # training mode, ActNorm data-dependent init pending
     flow.eval()
     assert flow.path_for(x) == "fused"      # eval mode never runs the init
@@ -136,13 +140,13 @@ def test_path_for():
     assert user.path_for(x) == "ops"
 
 
-@needs_triton
-def test_first_training_call_initializes_unfused_then_fuses(monkeypatch):
-    calls = LauncherCalls(monkeypatch, "flowkern.kernels.triton.glow", LAUNCHERS)
-    device = device_for("triton")
+@each_backend
+def test_first_training_call_initializes_unfused_then_fuses(impl, monkeypatch):
+    calls = LauncherCalls(monkeypatch, LAUNCHER_MODULES[impl], LAUNCHERS)
+    device = device_for(impl)
     flow = Glow(10, levels=2, depth=2, hidden=16, coupling="affine").to(device)
     x = 1.0 + 2.0 * make((33, 10), device=device)
-    flowkern.set_backend("triton")
+    flowkern.set_backend(impl)
     flow.log_prob(x)
     assert calls.counts["glow_fwd"] == 0
     z, _ = flow(x)
@@ -155,23 +159,23 @@ def test_first_training_call_initializes_unfused_then_fuses(monkeypatch):
     assert normed.mean(0).abs().max() < 1e-4
 
 
-@needs_triton
-def test_inverse_with_gradients_takes_the_layer_path(monkeypatch):
-    calls = LauncherCalls(monkeypatch, "flowkern.kernels.triton.glow", LAUNCHERS)
-    device = device_for("triton")
+@each_backend
+def test_inverse_with_gradients_takes_the_layer_path(impl, monkeypatch):
+    calls = LauncherCalls(monkeypatch, LAUNCHER_MODULES[impl], LAUNCHERS)
+    device = device_for(impl)
     flow = _flow(10, 2, "additive", "reverse", device)
     z = make((5, 10), device=device).requires_grad_()
-    flowkern.set_backend("triton")
+    flowkern.set_backend(impl)
     flow.inverse(z).sum().backward()
     assert calls.counts["glow_inv"] == 0 and z.grad is not None
 
 
-@needs_triton
-def test_eval_cache_follows_parameter_updates():
-    device = device_for("triton")
+@each_backend
+def test_eval_cache_follows_parameter_updates(impl):
+    device = device_for(impl)
     flow = _flow(10, 2, "affine", "lu", device).eval()
     x = make((5, 10), device=device)
-    flowkern.set_backend("triton")
+    flowkern.set_backend(impl)
     with torch.no_grad():
         before, _ = flow(x)
         flow.levels[0][0].coupling.subnet.out.bias.add_(0.5)
@@ -183,13 +187,13 @@ def test_eval_cache_follows_parameter_updates():
     assert_close(after, expected.double(), torch.float32, terms=30)
 
 
-@needs_triton
-def test_checkpoint_with_other_permutations_rebuilds_the_plan():
-    device = device_for("triton")
+@each_backend
+def test_checkpoint_with_other_permutations_rebuilds_the_plan(impl):
+    device = device_for(impl)
     flow = _flow(10, 2, "additive", "random", device).eval()
     other = _flow(10, 2, "additive", "random", device).eval()
     x = make((5, 10), device=device)
-    flowkern.set_backend("triton")
+    flowkern.set_backend(impl)
     flow(x)
     flow.load_state_dict(other.state_dict())
     with torch.no_grad():
@@ -244,27 +248,27 @@ def test_bad_input_is_named():
         pack_forward(plan, [[torch.zeros(3)] * 11] * plan.steps)
 
 
-@needs_triton
+@each_backend
 @pytest.mark.parametrize("coupling, mixing", [("affine", "random"), ("additive", "lu")])
-def test_custom_ops_pass_opcheck(coupling, mixing):
-    device = device_for("triton")
+def test_custom_ops_pass_opcheck(impl, coupling, mixing):
+    device = device_for(impl)
     _, plan, (params, mix, _) = _plan_and_params(coupling, mixing, device)
     x = make((5, 10), device=device)
     common = (plan.meta, plan.an_idx, plan.cp_idx, plan.z_idx)
     flags = (plan.hidden, plan.affine, plan.lu, plan.logscale_factor)
     torch.library.opcheck(torch.ops.flowkern.glow_fwd.default,
                           (x.requires_grad_(), params.detach().requires_grad_(), mix.detach().requires_grad_(),
-                           *common, plan.level_steps, plan.level_channels, *flags, True, "triton"))
+                           *common, plan.level_steps, plan.level_channels, *flags, True, impl))
     torch.library.opcheck(torch.ops.flowkern.glow_inv.default, (x.detach(), params.detach(), mix.detach(), *common,
-                                                                 *flags, "triton"))
+                                                                 *flags, impl))
 
 
-@needs_triton
-def test_fused_glow_compiles_without_graph_breaks():
-    device = device_for("triton")
+@each_backend
+def test_fused_glow_compiles_without_graph_breaks(impl):
+    device = device_for(impl)
     flow = _flow(10, 2, "affine", "reverse", device)
     x = make((9, 10), device=device)
-    flowkern.set_backend("triton")
+    flowkern.set_backend(impl)
     flowkern.set_finite_checks(False)
     flow.log_prob(x)  # eager first call: reads the ActNorms' initialized flags (a compiled graph cannot)
     compiled = torch.compile(lambda t: -flow.log_prob(t).mean(), fullgraph=True,
