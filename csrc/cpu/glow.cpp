@@ -44,6 +44,7 @@ struct Step {
   std::vector<int32_t> cond, trans;      // physical channel of each conditioning / transformed channel
   std::vector<int32_t> active;           // physical channels of the level (ActNorm / mixing act on these)
   std::vector<A> an_bias, an_scale;      // per active channel (permutation flows)
+  std::vector<A> dense_bias, dense_scale;  // the same per physical channel, identity (0, 1) on inactive ones
   A an_log_det = 0;                      // f * sum(ActNorm logs) (permutation flows)
   std::vector<A> w1t, w2t, w3t;          // W1^T [c1, HP], W2^T [H, HP], W3^T [H, OP], zero-padded
   const A *w1 = nullptr, *w2 = nullptr, *w3 = nullptr;   // row-major originals (backward)
@@ -82,6 +83,14 @@ std::vector<Step<A>> prepare(const GlowPlanView& plan, const A* params, const A*
         st.an_bias.push_back(params[st.off[kActnormBias] + an[p]]);
         st.an_scale.push_back(exp_(f * logs));
         st.an_log_det += f * logs;
+      }
+    }
+    if (!plan.lu) {
+      st.dense_bias.assign(C, A(0));
+      st.dense_scale.assign(C, A(1));
+      for (size_t i = 0; i < st.active.size(); ++i) {
+        st.dense_bias[st.active[i]] = st.an_bias[i];
+        st.dense_scale[st.active[i]] = st.an_scale[i];
       }
     }
     for (int32_t p : st.cond) if (p < 0) throw std::invalid_argument("glow: incomplete coupling index table");
@@ -141,10 +150,11 @@ void subnet(const Step<A>& st, const A* state, int64_t rows, int64_t C, int64_t 
     for (int64_t j = 0; j < c1; ++j) x1[j] = v[st.cond[j]];
   }
   auto actnorm_relu = [&](const std::vector<A>& b, const std::vector<A>& sc, A* a, A* h) {
-    for (int64_t i = 0; i < rows * HP; ++i) {
-      a[i] = (a[i] + b[i % HP]) * sc[i % HP];
-      h[i] = relu(a[i]);
-    }
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t i = 0; i < HP; ++i) {
+        a[r * HP + i] = (a[r * HP + i] + b[i]) * sc[i];
+        h[r * HP + i] = relu(a[r * HP + i]);
+      }
   };
   gemm(rows, HP, c1, w.x1.data(), c1, st.w1t.data(), HP, w.a1.data(), HP, false);
   actnorm_relu(st.b1, st.s1, w.a1.data(), w.h1.data());
@@ -164,13 +174,12 @@ void step_forward(const GlowPlanView& plan, const Step<A>& st, A* state, int64_t
                   Scratch<A>& w) {
   const int64_t C = plan.channels;
   if (!plan.lu) {
-    const int64_t n_active = int64_t(st.active.size());
+    // Dense over all channels (identity on factored-out ones) so the loop vectorizes.
+    const A* bias = st.dense_bias.data();
+    const A* scale = st.dense_scale.data();
     for (int64_t r = 0; r < rows; ++r) {
       A* v = state + r * C;
-      for (int64_t i = 0; i < n_active; ++i) {
-        const int32_t p = st.active[i];
-        v[p] = (v[p] + st.an_bias[i]) * st.an_scale[i];
-      }
+      for (int64_t p = 0; p < C; ++p) v[p] = (v[p] + bias[p]) * scale[p];
       row_log_det[r] += st.an_log_det;
     }
   }
