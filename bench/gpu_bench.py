@@ -531,6 +531,7 @@ def markdown(report: dict) -> str:
                   f"(share of copy bandwidth), for memory-bound ops.", ""]
     lines += _target_lines(report)
     for family, title in (("op", "Ops"), ("nn", "Layers (flowkern.nn)"), ("glow", "BERT-flow Glow (whole flow)"),
+                          ("dispatch", f"Host overhead ({DISPATCH_CALLS} calls; ms vs GPU busy ms)"),
                           ("fit", "BertFlow.fit (seconds: total / encode / flow)"),
                           ("embed", "Embedding throughput (sentences/s)")):
         rows = [r for r in report["results"] if r["family"] == family]
