@@ -240,6 +240,28 @@ struct BackwardScratch {
       : dpre3(rows * outputs_max), dh(rows * hidden), dpre(rows * hidden), dx1(rows * c1_max) {}
 };
 
+// Through h = relu(a), a = (in W^T + b) s, given d = the gradient at h: dpre = the gradient at in W^T; adds the
+// layer's bias and log-scale gradients.
+template <typename A>
+void actnorm_relu_backward(const A* a, const A* d, const A* s, int64_t H, A f, A* dpre, A* g_b, A* g_l) {
+  for (int64_t h = 0; h < H; ++h) {
+    const A da = a[h] > A(0) ? d[h] : A(0);
+    g_l[h] += f * da * a[h];
+    dpre[h] = da * s[h];
+    g_b[h] += dpre[h];
+  }
+}
+
+// Through out = in W^T (W [m, n]) for one row: g_w += dout (x) in, d_in = dout W (overwritten).
+template <typename A>
+void linear_backward(const A* dout, const A* in, const A* w, int64_t m, int64_t n, A* g_w, A* d_in) {
+  std::fill(d_in, d_in + n, A(0));
+  for (int64_t k = 0; k < m; ++k) {
+    axpy(g_w + k * n, in, dout[k], n);
+    axpy(d_in, w + k * n, dout[k], n);
+  }
+}
+
 // Backward of step s without its LU mixing, on a tile: dv (gradient at the step's output) becomes the gradient at
 // its input (for LU flows: at the mixing GEMM's output). u: the saved coupling input; parameter gradients are
 // added to this group's partial buffer `grad`.
@@ -269,7 +291,6 @@ void step_backward(const GlowPlanView& plan, const Step<A>& st, A* dv, const A* 
     }
   }
   // Output layer o = (h2 W3^T + b3) s3.
-  A* g_w3 = grad + st.off[kW3];
   A* g_b3 = grad + st.off[kB3];
   A* g_l3 = grad + st.off[kL3];
   for (int64_t r = 0; r < rows; ++r) {
@@ -280,56 +301,22 @@ void step_backward(const GlowPlanView& plan, const Step<A>& st, A* dv, const A* 
       dp3[i] *= st.s3[i];
       g_b3[i] += dp3[i];
     }
-    const A* h2 = w.h2.data() + r * HP;
-    A* dh2 = b.dh.data() + r * H;
-    std::fill(dh2, dh2 + H, A(0));
-    for (int64_t i = 0; i < O; ++i) {
-      axpy(g_w3 + i * H, h2, dp3[i], H);
-      axpy(dh2, st.w3 + i * H, dp3[i], H);
-    }
+    linear_backward(dp3, w.h2.data() + r * HP, st.w3, O, H, grad + st.off[kW3], b.dh.data() + r * H);
   }
   // Hidden layer 2: h2 = relu(a2), a2 = (h1 W2^T + b2) s2.
-  A* g_w2 = grad + st.off[kW2];
-  A* g_b2 = grad + st.off[kB2];
-  A* g_l2 = grad + st.off[kL2];
   for (int64_t r = 0; r < rows; ++r) {
-    const A* a2 = w.a2.data() + r * HP;
-    A* d = b.dh.data() + r * H;
     A* dp = b.dpre.data() + r * H;
-    for (int64_t h = 0; h < H; ++h) {
-      const A da = a2[h] > A(0) ? d[h] : A(0);
-      g_l2[h] += f * da * a2[h];
-      dp[h] = da * st.s2[h];
-      g_b2[h] += dp[h];
-    }
-    const A* h1 = w.h1.data() + r * HP;
-    std::fill(d, d + H, A(0));
-    for (int64_t k = 0; k < H; ++k) {
-      axpy(g_w2 + k * H, h1, dp[k], H);
-      axpy(d, st.w2 + k * H, dp[k], H);
-    }
+    actnorm_relu_backward(w.a2.data() + r * HP, b.dh.data() + r * H, st.s2.data(), H, f, dp, grad + st.off[kB2],
+                          grad + st.off[kL2]);
+    linear_backward(dp, w.h1.data() + r * HP, st.w2, H, H, grad + st.off[kW2], b.dh.data() + r * H);
   }
   // Hidden layer 1: h1 = relu(a1), a1 = (x1 W1^T + b1) s1; dx1 flows to the conditioning channels.
-  A* g_w1 = grad + st.off[kW1];
-  A* g_b1 = grad + st.off[kB1];
-  A* g_l1 = grad + st.off[kL1];
   for (int64_t r = 0; r < rows; ++r) {
-    const A* a1 = w.a1.data() + r * HP;
-    const A* d = b.dh.data() + r * H;
     A* dp = b.dpre.data() + r * H;
-    for (int64_t h = 0; h < H; ++h) {
-      const A da = a1[h] > A(0) ? d[h] : A(0);
-      g_l1[h] += f * da * a1[h];
-      dp[h] = da * st.s1[h];
-      g_b1[h] += dp[h];
-    }
-    const A* x1 = w.x1.data() + r * c1;
+    actnorm_relu_backward(w.a1.data() + r * HP, b.dh.data() + r * H, st.s1.data(), H, f, dp, grad + st.off[kB1],
+                          grad + st.off[kL1]);
     A* dx1r = b.dx1.data() + r * c1;
-    std::fill(dx1r, dx1r + c1, A(0));
-    for (int64_t h = 0; h < H; ++h) {
-      axpy(g_w1 + h * c1, x1, dp[h], c1);
-      axpy(dx1r, st.w1 + h * c1, dp[h], c1);
-    }
+    linear_backward(dp, w.x1.data() + r * c1, st.w1, H, c1, grad + st.off[kW1], dx1r);
     A* dvr = dv + r * C;
     for (int64_t j = 0; j < c1; ++j) dvr[st.cond[j]] += dx1r[j];
   }
