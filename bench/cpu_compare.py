@@ -58,8 +58,8 @@ def _whole_flow_cases(quick: bool):
             yield f"Glow {coupling}+{mixing} log_prob, B={batch}", infer
         flow = _glow(coupling, mixing)
         x = torch.randn(64, 768)
-        # AdamW as BertFlow.fit builds it (foreach), the same for both backends.
-        optimizer = torch.optim.AdamW(flow.parameters(), lr=1e-4, weight_decay=0.01, eps=1e-6, foreach=True)
+        # AdamW as BertFlow.fit builds it on CPU (fused), the same for both backends.
+        optimizer = torch.optim.AdamW(flow.parameters(), lr=1e-4, weight_decay=0.01, eps=1e-6, fused=True)
         step = TrainStep(flow, optimizer, loss="bits_per_dim")
         yield f"Glow {coupling}+{mixing} TrainStep, B=64", lambda step=step, x=x: step(x)
 

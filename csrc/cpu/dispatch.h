@@ -178,7 +178,15 @@ void gemm(int64_t rows, int64_t n, int64_t depth, const A* x, int64_t ldx, const
     int64_t r = 0;
     for (; r + kGemmRows <= rows; r += kGemmRows)
       gemm_block<kGemmRows>(depth, x + r * ldx, ldx, w + c, ldw, out + r * ldo + c, ldo, accumulate);
-    for (; r < rows; ++r) gemm_block<1>(depth, x + r * ldx, ldx, w + c, ldw, out + r * ldo + c, ldo, accumulate);
+    const A* xr = x + r * ldx;
+    A* o = out + r * ldo + c;
+    static_assert(kGemmRows == 4, "one case per remainder below");
+    switch (rows - r) {   // the remaining rows in one block
+      case 1: gemm_block<1>(depth, xr, ldx, w + c, ldw, o, ldo, accumulate); break;
+      case 2: gemm_block<2>(depth, xr, ldx, w + c, ldw, o, ldo, accumulate); break;
+      case 3: gemm_block<3>(depth, xr, ldx, w + c, ldw, o, ldo, accumulate); break;
+      default: break;
+    }
   }
 }
 

@@ -2,15 +2,22 @@
 //
 // Same structure as flowkern/kernels/triton/glow.py: a tile of rows goes through every step of every level in
 // an acc-typed state buffer in *physical* channel order (channels never move; GlowPlan's tables say which
-// channel plays which role at each step). Per call, the host side of this file turns the tables into gather lists
-// (conditioning / transformed channels of each step) and lays every weight matrix out so that each inner loop is
-// a contiguous axpy over a row of it: no reductions in inner loops, so GCC vectorizes them without reassociating
-// and the results do not depend on the vector width. Parameter gradients: a fixed partition of the rows into
-// groups (from the batch size only), one partial buffer per group, summed in group order: deterministic for any
-// thread count. LU flows leave the tile loop at every mixing step for one GEMM over all rows through the caller's
-// BLAS (the binding passes ATen's): a [B, CL] x [CL, CL] product is where a tuned GEMM beats any loop here.
+// channel plays which role at each step). Each step's subnet works in a *local* channel order: its conditioning
+// and transformed channels in ascending physical order, the output layer as [shift (or additive term) of each
+// transformed channel | raw scale of each], with the weights permuted to match on the host. Under reverse mixing
+// (BERT-flow's) both sets are contiguous ranges of the state, so the subnet reads and the coupling writes the
+// state in place with vector loops; other permutations gather and scatter through a row buffer.
+// Every layer of the subnet, forward and backward (dW = in^T dout over a tile), is one register-blocked GEMM
+// (cpu/dispatch.h). Parameter gradients: a fixed partition of the rows into groups (from the batch size only),
+// one partial buffer per group in the local layout, summed in group order and mapped back to the packed layout:
+// deterministic for any thread count. LU flows leave the tile loop at every mixing step for one GEMM over all
+// rows through the caller's BLAS (the binding passes ATen's): a [B, CL] x [CL, CL] product is where a tuned GEMM
+// beats any loop here.
 #include <algorithm>
+#include <climits>
 #include <cmath>
+#include <memory>
+#include <numeric>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -23,131 +30,268 @@ namespace flowkern::cpu {
 namespace {
 
 constexpr int64_t kTileRows = 16;       // rows a tile carries through the flow together (weights stream once a tile)
-constexpr int64_t kMaxGroups = 32;      // row groups of the backward (one partial-gradient buffer each)
+constexpr int64_t kMaxGroups = 8;       // row groups of the backward (one partial-gradient buffer each)
 
 // Columns of GlowPlan.meta (flowkern/ops/glow.py): parameter offsets, then mixing offsets, C1, CL.
 enum Meta : int {
   kActnormBias = 0, kActnormLogs, kW1, kB1, kL1, kW2, kB2, kL2, kW3, kB3, kL3, kMixW, kMixB, kC1, kCL, kMetaColumns = 16
 };
 
-// y[0:n] += a * x[0:n]
-template <typename A>
-inline void axpy(A* __restrict y, const A* __restrict x, A a, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+// idx[0] when idx is the range idx[0], idx[0] + 1, ..., else -1.
+int64_t range_start(const std::vector<int32_t>& idx) {
+  for (size_t i = 1; i < idx.size(); ++i)
+    if (idx[i] != idx[0] + int32_t(i)) return -1;
+  return idx.empty() ? -1 : idx[0];
 }
 
-// One step's structure and its parameters laid out for the loops below (acc-typed copies where transposed).
+// A buffer of n values, uninitialized (state buffers are written before they are read).
+template <typename A>
+std::unique_ptr<A[]> uninitialized(int64_t n) { return std::unique_ptr<A[]>(new A[n]); }
+
+// Grow-only per-thread buffers reused across calls, for the backward's parameter-sized work (bounded by
+// kMaxGroups copies of the parameters): fresh multi-megabyte allocations page-fault on every call, which at
+// small batches costs as much as the arithmetic.
+template <typename V>
+V& reused_buffer() {
+  static thread_local V buffer;
+  return buffer;
+}
+
+// One step's structure and its parameters in the subnet's local order (see the file comment).
 template <typename A>
 struct Step {
   int64_t c1 = 0, c2 = 0, cl = 0, outputs = 0;
-  int64_t hp = 0, op = 0;                // hidden and output widths padded for the GEMM (zero weights there)
-  std::vector<int32_t> cond, trans;      // physical channel of each conditioning / transformed channel
+  int64_t hp = 0, op = 0, c1p = 0;       // hidden, output and input widths padded for the GEMM (zero weights there)
+  std::vector<int32_t> cond, trans;      // physical channels of the conditioning / transformed channels, ascending
+  int64_t cond_first = -1, trans_first = -1;   // their first channel when they form a contiguous range
   std::vector<int32_t> active;           // physical channels of the level (ActNorm / mixing act on these)
-  std::vector<A> an_bias, an_scale;      // per active channel (permutation flows)
-  std::vector<A> dense_bias, dense_scale;  // the same per physical channel, identity (0, 1) on inactive ones
+  std::vector<A> dense_bias, dense_scale;  // ActNorm per physical channel, identity (0, 1) on factored-out ones
   A an_log_det = 0;                      // f * sum(ActNorm logs) (permutation flows)
-  std::vector<A> w1t, w2t, w3t;          // W1^T [c1, HP], W2^T [H, HP], W3^T [H, OP], zero-padded
-  const A *w1 = nullptr, *w2 = nullptr, *w3 = nullptr;   // row-major originals (backward)
+  std::vector<A> w1t, w2t, w3t;          // forward: W1^T [c1, HP], W2^T [H, HP], W3^T [H, OP]
+  std::vector<A> w1, w2, w3;             // backward: W1 [H, C1P], W2 [H, HP], W3 [O, HP]
   std::vector<A> b1, s1, b2, s2, b3, s3; // biases and scales exp(f l), zero-padded to HP / OP
+  std::vector<int64_t> input_source, output_source;   // packed column of W1 / row of W3 of each local one
   const int32_t* an = nullptr;           // the step's row of an_idx (ActNorm channel of each physical channel)
   const A *mix_w = nullptr, *mix_b = nullptr;   // LU: the folded W [CL, CL] and bias [CL]
-  int64_t off[kMetaColumns] = {};
+  int64_t off[kMetaColumns] = {};        // offsets into the packed parameters
+  int64_t g_an_bias = 0, g_an_logs = 0, g_b1 = 0, g_l1 = 0, g_b2 = 0, g_l2 = 0, g_w1 = 0, g_w2 = 0, g_w3 = 0,
+          g_b3 = 0, g_l3 = 0;            // offsets into the local gradient layout (gradient_layout)
 };
 
 template <typename A>
-std::vector<Step<A>> prepare(const GlowPlanView& plan, const A* params, const A* mix) {
+void prepare_step(const GlowPlanView& plan, const A* params, const A* mix, int64_t s, Step<A>& st);
+
+// Steps are prepared in parallel: at small batches this per-call work is a good part of the whole.
+template <typename A>
+std::vector<Step<A>> prepare(const GlowPlanView& plan, const A* params, const A* mix, const ParallelFor& par) {
+  std::vector<Step<A>> steps(plan.steps);
+  std::vector<std::string> errors(plan.steps);   // exceptions must not leave a parallel region
+  par(plan.steps, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) {
+      try {
+        prepare_step(plan, params, mix, s, steps[s]);
+      } catch (const std::invalid_argument& e) {
+        errors[s] = e.what();
+      }
+    }
+  });
+  for (const std::string& error : errors)
+    if (!error.empty()) throw std::invalid_argument(error);
+  return steps;
+}
+
+template <typename A>
+void prepare_step(const GlowPlanView& plan, const A* params, const A* mix, int64_t s, Step<A>& st) {
   const int64_t C = plan.channels, H = plan.hidden;
   const A f = A(plan.logscale_factor);
-  std::vector<Step<A>> steps(plan.steps);
-  for (int64_t s = 0; s < plan.steps; ++s) {
-    Step<A>& st = steps[s];
+  {
     std::copy(plan.meta + s * kMetaColumns, plan.meta + (s + 1) * kMetaColumns, st.off);
     st.c1 = st.off[kC1];
     st.cl = st.off[kCL];
     st.c2 = st.cl - st.c1;
     st.outputs = st.c2 * (plan.affine ? 2 : 1);
-    st.cond.assign(st.c1, -1);
-    st.trans.assign(st.c2, -1);
+    std::vector<int32_t> cond_of(st.c1, -1), trans_of(st.c2, -1);   // physical channel of each packed index
     const int32_t* cp = plan.cp_idx + s * C;
     const int32_t* an = plan.an_idx + s * C;
     st.an = an;
+    st.dense_bias.assign(C, A(0));
+    st.dense_scale.assign(C, A(1));
     for (int64_t p = 0; p < C; ++p) {
       if (cp[p] < 0) continue;
       if (cp[p] >= st.cl) throw std::invalid_argument("glow: coupling index table out of range at step " +
                                                       std::to_string(s));
-      if (cp[p] < st.c1) st.cond[cp[p]] = int32_t(p);
-      else st.trans[cp[p] - st.c1] = int32_t(p);
+      if (cp[p] < st.c1) {
+        cond_of[cp[p]] = int32_t(p);
+        st.cond.push_back(int32_t(p));
+        st.input_source.push_back(cp[p]);
+      } else {
+        trans_of[cp[p] - st.c1] = int32_t(p);
+        st.trans.push_back(int32_t(p));
+      }
       st.active.push_back(int32_t(p));
       if (!plan.lu) {
         const A logs = params[st.off[kActnormLogs] + an[p]];
-        st.an_bias.push_back(params[st.off[kActnormBias] + an[p]]);
-        st.an_scale.push_back(exp_(f * logs));
+        st.dense_bias[p] = params[st.off[kActnormBias] + an[p]];
+        st.dense_scale[p] = exp_(f * logs);
         st.an_log_det += f * logs;
       }
     }
-    if (!plan.lu) {
-      st.dense_bias.assign(C, A(0));
-      st.dense_scale.assign(C, A(1));
-      for (size_t i = 0; i < st.active.size(); ++i) {
-        st.dense_bias[st.active[i]] = st.an_bias[i];
-        st.dense_scale[st.active[i]] = st.an_scale[i];
+    for (int32_t p : cond_of) if (p < 0) throw std::invalid_argument("glow: incomplete coupling index table");
+    for (int32_t p : trans_of) if (p < 0) throw std::invalid_argument("glow: incomplete coupling index table");
+    st.cond_first = range_start(st.cond);
+    st.trans_first = range_start(st.trans);
+    // Local output o' of the k'-th transformed channel (ascending physical order): its packed row of W3.
+    st.output_source.assign(st.outputs, 0);
+    for (int64_t k = 0; k < st.c2; ++k) {
+      const int64_t packed = cp[st.trans[k]] - st.c1;
+      if (plan.affine) {
+        st.output_source[k] = 2 * packed;
+        st.output_source[st.c2 + k] = 2 * packed + 1;
+      } else {
+        st.output_source[k] = packed;
       }
     }
-    for (int32_t p : st.cond) if (p < 0) throw std::invalid_argument("glow: incomplete coupling index table");
-    for (int32_t p : st.trans) if (p < 0) throw std::invalid_argument("glow: incomplete coupling index table");
-    st.w1 = params + st.off[kW1];
-    st.w2 = params + st.off[kW2];
-    st.w3 = params + st.off[kW3];
-    st.hp = round_up(H, kGemmColumns<A>);
-    st.op = round_up(st.outputs, kGemmColumns<A>);
-    st.w1t.assign(st.c1 * st.hp, A(0));
+    const A* w1 = params + st.off[kW1];
+    const A* w2 = params + st.off[kW2];
+    const A* w3 = params + st.off[kW3];
+    const int64_t HP = st.hp = round_up(H, kGemmColumns<A>);
+    const int64_t OP = st.op = round_up(st.outputs, kGemmColumns<A>);
+    const int64_t C1P = st.c1p = round_up(st.c1, kGemmColumns<A>);
+    st.w1t.assign(st.c1 * HP, A(0));
+    st.w1.assign(H * C1P, A(0));
     for (int64_t h = 0; h < H; ++h)
-      for (int64_t j = 0; j < st.c1; ++j) st.w1t[j * st.hp + h] = st.w1[h * st.c1 + j];
-    st.w2t.assign(H * st.hp, A(0));
+      for (int64_t j = 0; j < st.c1; ++j) {
+        const A v = w1[h * st.c1 + st.input_source[j]];
+        st.w1t[j * HP + h] = v;
+        st.w1[h * C1P + j] = v;
+      }
+    st.w2t.assign(H * HP, A(0));
+    st.w2.assign(H * HP, A(0));
     for (int64_t h = 0; h < H; ++h)
-      for (int64_t k = 0; k < H; ++k) st.w2t[k * st.hp + h] = st.w2[h * H + k];
-    st.w3t.assign(H * st.op, A(0));
+      for (int64_t k = 0; k < H; ++k) {
+        st.w2t[k * HP + h] = w2[h * H + k];
+        st.w2[h * HP + k] = w2[h * H + k];
+      }
+    st.w3t.assign(H * OP, A(0));
+    st.w3.assign(st.outputs * HP, A(0));
     for (int64_t o = 0; o < st.outputs; ++o)
-      for (int64_t h = 0; h < H; ++h) st.w3t[h * st.op + o] = st.w3[o * H + h];
-    auto scaled = [&](int64_t off_b, int64_t off_l, int64_t n, int64_t padded, std::vector<A>& b,
-                      std::vector<A>& sc) {
+      for (int64_t h = 0; h < H; ++h) {
+        const A v = w3[st.output_source[o] * H + h];
+        st.w3t[h * OP + o] = v;
+        st.w3[o * HP + h] = v;
+      }
+    auto scaled = [&](int64_t off_b, int64_t off_l, int64_t n, int64_t padded, const int64_t* source,
+                      std::vector<A>& b, std::vector<A>& sc) {
       b.assign(padded, A(0));
       sc.assign(padded, A(0));
       for (int64_t i = 0; i < n; ++i) {
-        b[i] = params[off_b + i];
-        sc[i] = exp_(f * params[off_l + i]);
+        const int64_t from = source ? source[i] : i;
+        b[i] = params[off_b + from];
+        sc[i] = exp_(f * params[off_l + from]);
       }
     };
-    scaled(st.off[kB1], st.off[kL1], H, st.hp, st.b1, st.s1);
-    scaled(st.off[kB2], st.off[kL2], H, st.hp, st.b2, st.s2);
-    scaled(st.off[kB3], st.off[kL3], st.outputs, st.op, st.b3, st.s3);
+    scaled(st.off[kB1], st.off[kL1], H, HP, nullptr, st.b1, st.s1);
+    scaled(st.off[kB2], st.off[kL2], H, HP, nullptr, st.b2, st.s2);
+    scaled(st.off[kB3], st.off[kL3], st.outputs, OP, st.output_source.data(), st.b3, st.s3);
     if (plan.lu) {
       st.mix_w = mix + st.off[kMixW];
       st.mix_b = mix + st.off[kMixB];
     }
   }
-  return steps;
+}
+
+// The local gradient layout: per step, the packed vectors (ActNorm, hidden layers) as they are, then W1 [H, C1P],
+// W2 [H, HP], W3 [O, HP], b3 and l3 [O] in local order (the forms the backward's GEMMs write). Sets the
+// steps' g_* offsets; packed_of gets, for each local position, the packed index it belongs to (-1: GEMM padding).
+template <typename A>
+void gradient_layout(std::vector<Step<A>>& steps, int64_t H, bool lu, std::vector<int32_t>& packed_of) {
+  int64_t total = 0;
+  for (const Step<A>& st : steps) total += (lu ? 0 : 2 * st.cl) + 4 * H + H * st.c1p + (H + st.outputs) * st.hp + 2 * st.outputs;
+  if (total > INT32_MAX) throw std::invalid_argument("glow_bwd: too many parameters for the fused CPU Glow");
+  packed_of.assign(total, -1);
+  int64_t used = 0;
+  auto region = [&](int64_t n) {
+    used += n;
+    return used - n;
+  };
+  auto same_order = [&](int64_t& g, int64_t packed_offset, int64_t n) {
+    g = region(n);
+    for (int64_t i = 0; i < n; ++i) packed_of[g + i] = packed_offset + i;
+  };
+  for (Step<A>& st : steps) {
+    const int64_t HP = st.hp;
+    if (!lu) {
+      same_order(st.g_an_bias, st.off[kActnormBias], st.cl);
+      same_order(st.g_an_logs, st.off[kActnormLogs], st.cl);
+    }
+    same_order(st.g_b1, st.off[kB1], H);
+    same_order(st.g_l1, st.off[kL1], H);
+    same_order(st.g_b2, st.off[kB2], H);
+    same_order(st.g_l2, st.off[kL2], H);
+    st.g_w1 = region(H * st.c1p);
+    st.g_w2 = region(H * HP);
+    st.g_w3 = region(st.outputs * HP);
+    st.g_b3 = region(st.outputs);
+    st.g_l3 = region(st.outputs);
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t j = 0; j < st.c1; ++j) packed_of[st.g_w1 + h * st.c1p + j] = st.off[kW1] + h * st.c1 + st.input_source[j];
+      for (int64_t k = 0; k < H; ++k) packed_of[st.g_w2 + h * HP + k] = st.off[kW2] + h * H + k;
+    }
+    for (int64_t o = 0; o < st.outputs; ++o) {
+      const int64_t row = st.output_source[o];
+      for (int64_t h = 0; h < H; ++h) packed_of[st.g_w3 + o * HP + h] = st.off[kW3] + row * H + h;
+      packed_of[st.g_b3 + o] = st.off[kB3] + row;
+      packed_of[st.g_l3 + o] = st.off[kL3] + row;
+    }
+  }
 }
 
 // Per-thread scratch of one row tile: the MLP's activations (row strides c1, HP, OP of the step).
 template <typename A>
 struct Scratch {
-  std::vector<A> x1, a1, h1, a2, h2, o;
-  Scratch(int64_t rows, int64_t c1_max, int64_t hidden_padded, int64_t outputs_max)
-      : x1(rows * c1_max), a1(rows * hidden_padded), h1(rows * hidden_padded), a2(rows * hidden_padded),
-        h2(rows * hidden_padded), o(rows * outputs_max) {}
+  std::vector<A> x1, a1, h1, a2, h2, o, trans;
+  const A* x1_rows = nullptr;   // the subnet's input rows: the state itself (stride C) or x1 (stride C1P)
+  int64_t x1_stride = 0;
+  Scratch(int64_t rows, int64_t c1_padded_max, int64_t c2_max, int64_t hidden_padded, int64_t outputs_max)
+      : x1(rows * c1_padded_max), a1(rows * hidden_padded), h1(rows * hidden_padded), a2(rows * hidden_padded),
+        h2(rows * hidden_padded), o(rows * outputs_max), trans(c2_max) {}
 };
 
-// The subnet on `rows` rows of the state (row stride C): x1 gathered, a = pre-activations (ActNorm output before
-// relu), h = relu(a), o = the output layer, each layer one register-blocked GEMM (cpu/dispatch.h). Keeps
-// everything the backward needs in the scratch.
+// The transformed channels of a state row as one array: the row itself when they form a range, else gathered into
+// buf (scatter_trans writes it back).
+template <typename A>
+A* gather_trans(const Step<A>& st, A* row, A* buf) {
+  if (st.trans_first >= 0) return row + st.trans_first;
+  for (int64_t k = 0; k < st.c2; ++k) buf[k] = row[st.trans[k]];
+  return buf;
+}
+template <typename A>
+const A* gather_trans(const Step<A>& st, const A* row, A* buf) {
+  if (st.trans_first >= 0) return row + st.trans_first;
+  for (int64_t k = 0; k < st.c2; ++k) buf[k] = row[st.trans[k]];
+  return buf;
+}
+template <typename A>
+void scatter_trans(const Step<A>& st, A* row, const A* buf) {
+  if (st.trans_first < 0)
+    for (int64_t k = 0; k < st.c2; ++k) row[st.trans[k]] = buf[k];
+}
+
+// The subnet on `rows` rows of the state (row stride C): a = pre-activations (ActNorm output before relu),
+// h = relu(a), o = the output layer, each layer one GEMM. Keeps everything the backward needs in the scratch.
 template <typename A>
 void subnet(const Step<A>& st, const A* state, int64_t rows, int64_t C, int64_t H, Scratch<A>& w) {
   const int64_t c1 = st.c1, HP = st.hp, OP = st.op;
-  for (int64_t r = 0; r < rows; ++r) {
-    const A* v = state + r * C;
-    A* x1 = w.x1.data() + r * c1;
-    for (int64_t j = 0; j < c1; ++j) x1[j] = v[st.cond[j]];
+  // In place when the conditioning channels are a range with C1P readable columns (the backward's dW1 GEMM reads
+  // the padding columns; what it computes there is never used).
+  if (st.cond_first >= 0 && st.cond_first + st.c1p <= C) {
+    w.x1_rows = state + st.cond_first;
+    w.x1_stride = C;
+  } else {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < c1; ++j) w.x1[r * st.c1p + j] = state[r * C + st.cond[j]];
+    w.x1_rows = w.x1.data();
+    w.x1_stride = st.c1p;
   }
   auto actnorm_relu = [&](const std::vector<A>& b, const std::vector<A>& sc, A* a, A* h) {
     for (int64_t r = 0; r < rows; ++r)
@@ -156,7 +300,7 @@ void subnet(const Step<A>& st, const A* state, int64_t rows, int64_t C, int64_t 
         h[r * HP + i] = relu(a[r * HP + i]);
       }
   };
-  gemm(rows, HP, c1, w.x1.data(), c1, st.w1t.data(), HP, w.a1.data(), HP, false);
+  gemm(rows, HP, c1, w.x1_rows, w.x1_stride, st.w1t.data(), HP, w.a1.data(), HP, false);
   actnorm_relu(st.b1, st.s1, w.a1.data(), w.h1.data());
   gemm(rows, HP, H, w.h1.data(), HP, st.w2t.data(), HP, w.a2.data(), HP, false);
   actnorm_relu(st.b2, st.s2, w.a2.data(), w.h2.data());
@@ -172,7 +316,7 @@ void subnet(const Step<A>& st, const A* state, int64_t rows, int64_t C, int64_t 
 template <typename A>
 void step_forward(const GlowPlanView& plan, const Step<A>& st, A* state, int64_t rows, A* mid_rows, A* row_log_det,
                   Scratch<A>& w) {
-  const int64_t C = plan.channels;
+  const int64_t C = plan.channels, c2 = st.c2;
   if (!plan.lu) {
     // Dense over all channels (identity on factored-out ones) so the loop vectorizes.
     const A* bias = st.dense_bias.data();
@@ -187,159 +331,202 @@ void step_forward(const GlowPlanView& plan, const Step<A>& st, A* state, int64_t
   subnet(st, state, rows, C, plan.hidden, w);
   for (int64_t r = 0; r < rows; ++r) {
     A* v = state + r * C;
+    A* t = gather_trans(st, v, w.trans.data());
     const A* o = w.o.data() + r * st.op;
     if (plan.affine) {
       A sum_log_scale = 0;
-      for (int64_t k = 0; k < st.c2; ++k) {
-        const A raw = o[2 * k + 1] + A(kAffineScaleOffset);
-        A& t = v[st.trans[k]];
-        t = (t + o[2 * k]) * sigmoid(raw);
+      for (int64_t k = 0; k < c2; ++k) {
+        const A raw = o[c2 + k] + A(kAffineScaleOffset);
+        t[k] = (t[k] + o[k]) * sigmoid(raw);
         sum_log_scale += log_sigmoid(raw);
       }
       row_log_det[r] += sum_log_scale;
     } else {
-      for (int64_t k = 0; k < st.c2; ++k) v[st.trans[k]] += o[k];
+      for (int64_t k = 0; k < c2; ++k) t[k] += o[k];
     }
+    scatter_trans(st, v, t);
   }
 }
 
 // Inverse of step s without its LU mixing: the coupling's inverse, then the ActNorm's (permutation flows).
 template <typename A>
 void step_inverse(const GlowPlanView& plan, const Step<A>& st, A* state, int64_t rows, Scratch<A>& w) {
-  const int64_t C = plan.channels;
+  const int64_t C = plan.channels, c2 = st.c2;
   subnet(st, state, rows, C, plan.hidden, w);   // the conditioning channels are unchanged by the coupling
   for (int64_t r = 0; r < rows; ++r) {
     A* v = state + r * C;
+    A* t = gather_trans(st, v, w.trans.data());
     const A* o = w.o.data() + r * st.op;
     if (plan.affine) {
-      for (int64_t k = 0; k < st.c2; ++k) {
-        A& t = v[st.trans[k]];
-        t = t * (A(1) + exp_(-(o[2 * k + 1] + A(kAffineScaleOffset)))) - o[2 * k];
-      }
+      for (int64_t k = 0; k < c2; ++k) t[k] = t[k] * (A(1) + exp_(-(o[c2 + k] + A(kAffineScaleOffset)))) - o[k];
     } else {
-      for (int64_t k = 0; k < st.c2; ++k) v[st.trans[k]] -= o[k];
+      for (int64_t k = 0; k < c2; ++k) t[k] -= o[k];
     }
+    scatter_trans(st, v, t);
   }
   if (!plan.lu) {
-    const int64_t n_active = int64_t(st.active.size());
+    const A* bias = st.dense_bias.data();
+    const A* scale = st.dense_scale.data();
     for (int64_t r = 0; r < rows; ++r) {
       A* v = state + r * C;
-      for (int64_t i = 0; i < n_active; ++i) {
-        const int32_t p = st.active[i];
-        v[p] = v[p] / st.an_scale[i] - st.an_bias[i];
-      }
+      for (int64_t p = 0; p < C; ++p) v[p] = v[p] / scale[p] - bias[p];
     }
   }
 }
 
-// Per-thread buffers of the backward's MLP.
+// Per-thread buffers of the backward's MLP (padding columns stay zero: GEMMs read them).
 template <typename A>
 struct BackwardScratch {
-  std::vector<A> dpre3, dh, dpre, dx1;
-  BackwardScratch(int64_t rows, int64_t c1_max, int64_t hidden, int64_t outputs_max)
-      : dpre3(rows * outputs_max), dh(rows * hidden), dpre(rows * hidden), dx1(rows * c1_max) {}
+  std::vector<A> dpre3, dh, dpre, dx1, transposed, u_trans, an_dbias, an_dlogs;
+  BackwardScratch(int64_t rows, int64_t c1_padded_max, int64_t c2_max, int64_t hidden, int64_t hidden_padded,
+                  int64_t outputs_max, int64_t channels)
+      : dpre3(rows * outputs_max), dh(rows * hidden_padded), dpre(rows * hidden_padded), dx1(rows * c1_padded_max),
+        transposed(std::max(outputs_max, hidden) * rows), u_trans(c2_max), an_dbias(channels),
+        an_dlogs(channels) {}
 };
 
-// Through h = relu(a), a = (in W^T + b) s, given d = the gradient at h: dpre = the gradient at in W^T; adds the
-// layer's bias and log-scale gradients.
+// Through h = relu(a), a = (in W^T + b) s, given d = the gradient at h for `rows` rows (stride HP): dpre = the
+// gradient at in W^T; adds the layer's bias and log-scale gradients (H of them).
 template <typename A>
-void actnorm_relu_backward(const A* a, const A* d, const A* s, int64_t H, A f, A* dpre, A* g_b, A* g_l) {
-  for (int64_t h = 0; h < H; ++h) {
-    const A da = a[h] > A(0) ? d[h] : A(0);
-    g_l[h] += f * da * a[h];
-    dpre[h] = da * s[h];
-    g_b[h] += dpre[h];
-  }
+void actnorm_relu_backward(const A* __restrict a, const A* __restrict d, const A* __restrict s, int64_t rows,
+                           int64_t H, int64_t HP, A f, A* __restrict dpre, A* __restrict g_b, A* __restrict g_l) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t i = r * HP + h;
+      const A da = a[i] > A(0) ? d[i] : A(0);
+      g_l[h] += f * da * a[i];
+      dpre[i] = da * s[h];
+      g_b[h] += dpre[i];
+    }
 }
 
-// Through out = in W^T (W [m, n]) for one row: g_w += dout (x) in, d_in = dout W (overwritten).
+// Through o = pre s (+ b inside): d, the gradient at o, becomes the gradient at pre; adds the bias and log-scale
+// gradients (f d o: o already carries the scale).
 template <typename A>
-void linear_backward(const A* dout, const A* in, const A* w, int64_t m, int64_t n, A* g_w, A* d_in) {
-  std::fill(d_in, d_in + n, A(0));
-  for (int64_t k = 0; k < m; ++k) {
-    axpy(g_w + k * n, in, dout[k], n);
-    axpy(d_in, w + k * n, dout[k], n);
-  }
+void output_scale_backward(const A* __restrict o, const A* __restrict s, int64_t rows, int64_t O, int64_t OP, A f,
+                           A* __restrict d, A* __restrict g_b, A* __restrict g_l) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < O; ++i) {
+      const int64_t k = r * OP + i;
+      g_l[i] += f * d[k] * o[k];
+      d[k] *= s[i];
+      g_b[i] += d[k];
+    }
+}
+
+// g_w [m, n] += dout^T in over the tile's rows (dout [rows, m] with stride ld_dout; in [rows, n] with stride ld_in,
+// n a multiple of the GEMM width): one GEMM with the rows as its depth.
+template <typename A>
+void weight_gradient(const A* dout, int64_t ld_dout, int64_t m, const A* in, int64_t ld_in, int64_t n, int64_t rows,
+                     A* g_w, A* transposed) {
+  transpose(dout, ld_dout, rows, m, transposed, rows);
+  gemm(m, n, rows, transposed, rows, in, ld_in, g_w, n, true);
+}
+
+// The ActNorm part of the backward, dense over C channels: d (gradient at the output, rows of stride C) becomes
+// the gradient at the input; dbias = sum of it, dlogs = sum of d u (u: the saved output), both overwritten.
+template <typename A>
+void actnorm_backward_dense(const A* __restrict u, const A* __restrict scale, int64_t rows, int64_t C,
+                            A* __restrict d, A* __restrict dbias, A* __restrict dlogs) {
+  std::fill(dbias, dbias + C, A(0));
+  std::fill(dlogs, dlogs + C, A(0));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t p = 0; p < C; ++p) {
+      dlogs[p] += d[r * C + p] * u[r * C + p];
+      d[r * C + p] *= scale[p];
+      dbias[p] += d[r * C + p];
+    }
 }
 
 // Backward of step s without its LU mixing, on a tile: dv (gradient at the step's output) becomes the gradient at
 // its input (for LU flows: at the mixing GEMM's output). u: the saved coupling input; parameter gradients are
-// added to this group's partial buffer `grad`.
+// added to this group's partial buffer `grad` (local layout, see gradient_layout).
 template <typename A>
 void step_backward(const GlowPlanView& plan, const Step<A>& st, A* dv, const A* u, const A* dlog_det, int64_t rows,
                    A* grad, Scratch<A>& w, BackwardScratch<A>& b) {
-  const int64_t C = plan.channels, H = plan.hidden, O = st.outputs, c1 = st.c1, HP = st.hp, OP = st.op;
+  const int64_t C = plan.channels, H = plan.hidden, O = st.outputs, c1 = st.c1, c2 = st.c2, HP = st.hp, OP = st.op;
   const A f = A(plan.logscale_factor);
   subnet(st, u, rows, C, H, w);
-  // Epilogue: dv on the transformed channels becomes dx2 in place; dpre3 = d(output layer before its scale).
+  // Epilogue: dv on the transformed channels becomes dx2 in place; dpre3 = d(output layer after its scale).
   for (int64_t r = 0; r < rows; ++r) {
     A* d = dv + r * C;
-    const A* ur = u + r * C;
+    A* dt = gather_trans(st, d, w.trans.data());
     const A* o = w.o.data() + r * OP;
-    A* dp3 = b.dpre3.data() + r * O;
+    A* dp3 = b.dpre3.data() + r * OP;
     if (plan.affine) {
-      for (int64_t k = 0; k < st.c2; ++k) {
-        const int32_t p = st.trans[k];
-        const A sg = sigmoid(o[2 * k + 1] + A(kAffineScaleOffset));
-        const A dz2 = d[p];
-        d[p] = dz2 * sg;
-        dp3[2 * k] = dz2 * sg;
-        dp3[2 * k + 1] = dz2 * (ur[p] + o[2 * k]) * sg * (A(1) - sg) + dlog_det[r] * (A(1) - sg);
+      const A* ut = gather_trans(st, u + r * C, b.u_trans.data());
+      for (int64_t k = 0; k < c2; ++k) {
+        const A sg = sigmoid(o[c2 + k] + A(kAffineScaleOffset));
+        const A dz2 = dt[k];
+        dt[k] = dz2 * sg;
+        dp3[k] = dz2 * sg;
+        dp3[c2 + k] = dz2 * (ut[k] + o[k]) * sg * (A(1) - sg) + dlog_det[r] * (A(1) - sg);
       }
+      scatter_trans(st, d, dt);
     } else {
-      for (int64_t k = 0; k < st.c2; ++k) dp3[k] = d[st.trans[k]];
+      std::copy(dt, dt + c2, dp3);
     }
+    std::fill(dp3 + O, dp3 + OP, A(0));   // GEMM padding (the buffer's stride changes with the step)
   }
-  // Output layer o = (h2 W3^T + b3) s3.
-  A* g_b3 = grad + st.off[kB3];
-  A* g_l3 = grad + st.off[kL3];
-  for (int64_t r = 0; r < rows; ++r) {
-    A* dp3 = b.dpre3.data() + r * O;
-    const A* o = w.o.data() + r * OP;
-    for (int64_t i = 0; i < O; ++i) {
-      g_l3[i] += f * dp3[i] * o[i];
-      dp3[i] *= st.s3[i];
-      g_b3[i] += dp3[i];
-    }
-    linear_backward(dp3, w.h2.data() + r * HP, st.w3, O, H, grad + st.off[kW3], b.dh.data() + r * H);
-  }
+  // Output layer o = (h2 W3^T + b3) s3: dpre3 becomes the gradient at h2 W3^T.
+  output_scale_backward(w.o.data(), st.s3.data(), rows, O, OP, f, b.dpre3.data(), grad + st.g_b3, grad + st.g_l3);
+  weight_gradient(b.dpre3.data(), OP, O, w.h2.data(), HP, HP, rows, grad + st.g_w3, b.transposed.data());
+  gemm(rows, HP, O, b.dpre3.data(), OP, st.w3.data(), HP, b.dh.data(), HP, false);
   // Hidden layer 2: h2 = relu(a2), a2 = (h1 W2^T + b2) s2.
-  for (int64_t r = 0; r < rows; ++r) {
-    A* dp = b.dpre.data() + r * H;
-    actnorm_relu_backward(w.a2.data() + r * HP, b.dh.data() + r * H, st.s2.data(), H, f, dp, grad + st.off[kB2],
-                          grad + st.off[kL2]);
-    linear_backward(dp, w.h1.data() + r * HP, st.w2, H, H, grad + st.off[kW2], b.dh.data() + r * H);
-  }
+  actnorm_relu_backward(w.a2.data(), b.dh.data(), st.s2.data(), rows, H, HP, f, b.dpre.data(),
+                        grad + st.g_b2, grad + st.g_l2);
+  weight_gradient(b.dpre.data(), HP, H, w.h1.data(), HP, HP, rows, grad + st.g_w2, b.transposed.data());
+  gemm(rows, HP, H, b.dpre.data(), HP, st.w2.data(), HP, b.dh.data(), HP, false);
   // Hidden layer 1: h1 = relu(a1), a1 = (x1 W1^T + b1) s1; dx1 flows to the conditioning channels.
+  actnorm_relu_backward(w.a1.data(), b.dh.data(), st.s1.data(), rows, H, HP, f, b.dpre.data(),
+                        grad + st.g_b1, grad + st.g_l1);
+  weight_gradient(b.dpre.data(), HP, H, w.x1_rows, w.x1_stride, st.c1p, rows, grad + st.g_w1, b.transposed.data());
+  gemm(rows, st.c1p, H, b.dpre.data(), HP, st.w1.data(), st.c1p, b.dx1.data(), st.c1p, false);
   for (int64_t r = 0; r < rows; ++r) {
-    A* dp = b.dpre.data() + r * H;
-    actnorm_relu_backward(w.a1.data() + r * HP, b.dh.data() + r * H, st.s1.data(), H, f, dp, grad + st.off[kB1],
-                          grad + st.off[kL1]);
-    A* dx1r = b.dx1.data() + r * c1;
-    linear_backward(dp, w.x1.data() + r * c1, st.w1, H, c1, grad + st.off[kW1], dx1r);
-    A* dvr = dv + r * C;
-    for (int64_t j = 0; j < c1; ++j) dvr[st.cond[j]] += dx1r[j];
+    A* d = dv + r * C;
+    const A* dx1 = b.dx1.data() + r * st.c1p;
+    if (st.cond_first >= 0) {
+      A* dc = d + st.cond_first;
+      for (int64_t j = 0; j < c1; ++j) dc[j] += dx1[j];
+    } else {
+      for (int64_t j = 0; j < c1; ++j) d[st.cond[j]] += dx1[j];
+    }
   }
   if (!plan.lu) {
-    // u = (w + b) s on the active channels: dw = du s, db = du s, dlogs = f du u (+ f per row for the log-det).
-    A* g_bias = grad + st.off[kActnormBias];
-    A* g_logs = grad + st.off[kActnormLogs];
-    const int64_t n_active = int64_t(st.active.size());
+    // u = (w + b) s: dw = du s, db = du s, dlogs = f du u (+ f per row for the log-det); dense over the channels
+    // (identity on factored-out ones, whose sums are dropped), then added to the ActNorm channels.
+    A* dbias = b.an_dbias.data();
+    A* dlogs = b.an_dlogs.data();
+    actnorm_backward_dense(u, st.dense_scale.data(), rows, C, dv, dbias, dlogs);
     A sum_dlog_det = 0;
-    for (int64_t r = 0; r < rows; ++r) {
-      A* d = dv + r * C;
-      const A* ur = u + r * C;
-      for (int64_t i = 0; i < n_active; ++i) {
-        const int32_t p = st.active[i];
-        const A du = d[p];
-        g_logs[st.an[p]] += f * du * ur[p];
-        d[p] = du * st.an_scale[i];
-        g_bias[st.an[p]] += d[p];
-      }
-      sum_dlog_det += dlog_det[r];
+    for (int64_t r = 0; r < rows; ++r) sum_dlog_det += dlog_det[r];
+    A* g_bias = grad + st.g_an_bias;
+    A* g_logs = grad + st.g_an_logs;
+    for (int32_t p : st.active) {
+      g_bias[st.an[p]] += dbias[p];
+      g_logs[st.an[p]] += f * (dlogs[p] + sum_dlog_det);
     }
-    for (int64_t i = 0; i < n_active; ++i) g_logs[st.an[st.active[i]]] += f * sum_dlog_det;
   }
+}
+
+// Runs of physical channels that land in consecutive columns of z (step +1) or in reverse (step -1): reverse
+// mixing leaves whole levels as one run each, so writing z (and reading dz, z) is a few vector loops.
+struct ColumnRun {
+  int64_t physical, column, length, step;
+};
+
+std::vector<ColumnRun> column_runs(const int32_t* z_idx, int64_t C) {
+  std::vector<ColumnRun> runs;
+  for (int64_t p = 0; p < C;) {
+    ColumnRun run{p, z_idx[p], 1, 1};
+    if (p + 1 < C && (z_idx[p + 1] == z_idx[p] + 1 || z_idx[p + 1] == z_idx[p] - 1)) {
+      run.step = z_idx[p + 1] - z_idx[p];
+      while (p + run.length < C && z_idx[p + run.length] == z_idx[p] + run.step * run.length) ++run.length;
+    }
+    runs.push_back(run);
+    p += run.length;
+  }
+  return runs;
 }
 
 // ---- drivers: tiles of rows through the steps; LU flows stop at every mixing for one GEMM over all rows ----
@@ -348,16 +535,23 @@ template <typename A>
 struct Flow {
   const GlowPlanView& plan;
   std::vector<Step<A>> steps;
-  int64_t batch, tiles, c1_max = 1, outputs_max = 1, hidden_padded = 1;
-  Flow(const GlowPlanView& p, const A* params, const A* mix, int64_t b)
-      : plan(p), steps(prepare(p, params, mix)), batch(b), tiles((b + kTileRows - 1) / kTileRows) {
+  std::vector<ColumnRun> runs;
+  int64_t batch, tiles, c1_padded_max = 1, c2_max = 1, outputs_max = 1, hidden_padded = 1;
+  Flow(const GlowPlanView& p, const A* params, const A* mix, int64_t b, const ParallelFor& par)
+      : plan(p), steps(prepare(p, params, mix, par)), runs(column_runs(p.z_idx, p.channels)), batch(b),
+        tiles((b + kTileRows - 1) / kTileRows) {
     for (const auto& st : steps) {
-      c1_max = std::max(c1_max, st.c1);
+      c1_padded_max = std::max(c1_padded_max, st.c1p);
+      c2_max = std::max(c2_max, st.c2);
       outputs_max = std::max(outputs_max, st.op);
       hidden_padded = st.hp;
     }
   }
-  Scratch<A> scratch() const { return Scratch<A>(kTileRows, c1_max, hidden_padded, outputs_max); }
+  Scratch<A> scratch() const { return Scratch<A>(kTileRows, c1_padded_max, c2_max, hidden_padded, outputs_max); }
+  BackwardScratch<A> backward_scratch() const {
+    return BackwardScratch<A>(kTileRows, c1_padded_max, c2_max, plan.hidden, hidden_padded, outputs_max,
+                              plan.channels);
+  }
   int64_t rows_of(int64_t tile) const { return std::min(kTileRows, batch - tile * kTileRows); }
 };
 
@@ -374,21 +568,27 @@ void mix_all_rows(const Step<A>& st, const A* in, A* out, int64_t batch, int64_t
 
 template <typename A> constexpr DType acc_dtype() { return sizeof(A) == 8 ? DType::f64 : DType::f32; }
 
+// The rows of a tile: in the flow-wide buffer (LU flows, whose GEMMs need every row) or a thread's own tile.
+template <typename A>
+A* tile_rows(A* buffer, int64_t row0, int64_t C, std::vector<A>& own) {
+  return buffer ? buffer + row0 * C : own.data();
+}
+
 template <typename T, typename A>
 void forward(const T* x, const A* params, const A* mix, const GlowPlanView& plan, int64_t batch, T* z, A* log_det,
              A* log_prior, A* mid, A* inp, const Gemm& gemm, const ParallelFor& par) {
-  const Flow<A> flow(plan, params, mix, batch);
+  const Flow<A> flow(plan, params, mix, batch, par);
   const int64_t C = plan.channels, S = plan.steps;
-  std::vector<A> state(batch * C), other(plan.lu ? batch * C : 0);
   std::fill(log_det, log_det + batch, A(0));
   const A prior_const = A(-kHalfLog2Pi * double(C));
   // Steps [first, last) on every tile; `load` reads x first, `finish` writes z, the log-dets and the prior.
   auto run_tiles = [&](A* buffer, int64_t first, int64_t last, bool load, bool finish) {
     par(flow.tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
       Scratch<A> w = flow.scratch();
+      std::vector<A> own(buffer ? 0 : kTileRows * C);
       for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
         const int64_t row0 = tile * kTileRows, rows = flow.rows_of(tile);
-        A* rows_state = buffer + row0 * C;
+        A* rows_state = tile_rows(buffer, row0, C, own);
         if (load) for (int64_t i = 0; i < rows * C; ++i) rows_state[i] = load_as<A>(x[row0 * C + i]);
         for (int64_t s = first; s < last; ++s)
           step_forward(plan, flow.steps[s], rows_state, rows, mid ? mid + (s * batch + row0) * C : nullptr,
@@ -398,19 +598,22 @@ void forward(const T* x, const A* params, const A* mix, const GlowPlanView& plan
         for (int64_t r = 0; r < rows; ++r) {
           const A* v = rows_state + r * C;
           T* zr = z + (row0 + r) * C;
-          A sq = 0;
-          for (int64_t p = 0; p < C; ++p) {
-            zr[plan.z_idx[p]] = store_as<T>(v[p]);
-            sq += v[p] * v[p];
-          }
-          log_prior[row0 + r] = prior_const - A(0.5) * sq;
+          for (const ColumnRun& run : flow.runs)
+            for (int64_t i = 0; i < run.length; ++i) zr[run.column + i * run.step] = store_as<T>(v[run.physical + i]);
+          A lanes[kLanes] = {};
+          int64_t p = 0;
+          for (; p + kLanes <= C; p += kLanes)
+            for (int j = 0; j < kLanes; ++j) lanes[j] += v[p + j] * v[p + j];
+          for (; p < C; ++p) lanes[p % kLanes] += v[p] * v[p];
+          log_prior[row0 + r] = prior_const - A(0.5) * sum_lanes(lanes);
         }
       }
     });
   };
-  if (!plan.lu) return run_tiles(state.data(), 0, S, true, true);
-  A* cur = state.data();
-  A* next = other.data();
+  if (!plan.lu) return run_tiles(nullptr, 0, S, true, true);
+  auto state = uninitialized<A>(batch * C), other = uninitialized<A>(batch * C);
+  A* cur = state.get();
+  A* next = other.get();
   run_tiles(cur, 0, 0, true, false);
   for (int64_t s = 0; s < S; ++s) {
     if (inp) std::copy(cur, cur + batch * C, inp + s * batch * C);
@@ -423,27 +626,32 @@ void forward(const T* x, const A* params, const A* mix, const GlowPlanView& plan
 template <typename T, typename A>
 void inverse(const T* z, const A* params, const A* mix, const GlowPlanView& plan, int64_t batch, T* x,
              const Gemm& gemm, const ParallelFor& par) {
-  const Flow<A> flow(plan, params, mix, batch);
+  const Flow<A> flow(plan, params, mix, batch, par);
   const int64_t C = plan.channels, S = plan.steps;
-  std::vector<A> state(batch * C), other(plan.lu ? batch * C : 0);
   // Steps [last, first) in reverse on every tile; `load` gathers z first, `finish` writes x.
   auto run_tiles = [&](A* buffer, int64_t first, int64_t last, bool load, bool finish) {
     par(flow.tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
       Scratch<A> w = flow.scratch();
+      std::vector<A> own(buffer ? 0 : kTileRows * C);
       for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
         const int64_t row0 = tile * kTileRows, rows = flow.rows_of(tile);
-        A* rows_state = buffer + row0 * C;
+        A* rows_state = tile_rows(buffer, row0, C, own);
         if (load)
-          for (int64_t r = 0; r < rows; ++r)
-            for (int64_t p = 0; p < C; ++p) rows_state[r * C + p] = load_as<A>(z[(row0 + r) * C + plan.z_idx[p]]);
+          for (int64_t r = 0; r < rows; ++r) {
+            const T* zr = z + (row0 + r) * C;
+            A* v = rows_state + r * C;
+            for (const ColumnRun& run : flow.runs)
+              for (int64_t i = 0; i < run.length; ++i) v[run.physical + i] = load_as<A>(zr[run.column + i * run.step]);
+          }
         for (int64_t s = first - 1; s >= last; --s) step_inverse(plan, flow.steps[s], rows_state, rows, w);
         if (finish) for (int64_t i = 0; i < rows * C; ++i) x[row0 * C + i] = store_as<T>(rows_state[i]);
       }
     });
   };
-  if (!plan.lu) return run_tiles(state.data(), S, 0, true, true);
-  A* cur = state.data();
-  A* next = other.data();
+  if (!plan.lu) return run_tiles(nullptr, S, 0, true, true);
+  auto state = uninitialized<A>(batch * C), other = uninitialized<A>(batch * C);
+  A* cur = state.get();
+  A* next = other.get();
   run_tiles(cur, S, S, true, false);
   for (int64_t s = S - 1; s >= 0; --s) {
     run_tiles(cur, s + 1, s, false, false);
@@ -458,30 +666,43 @@ template <typename T, typename A>
 void backward(const T* dz, const A* dlog_det, const A* dlog_prior, const A* params, const A* mix, const A* mid,
               const GlowPlanView& plan, int64_t batch, int64_t params_numel, T* dx, A* dparams, A* dmid,
               const Gemm& gemm, const ParallelFor& par) {
-  const Flow<A> flow(plan, params, mix, batch);
+  Flow<A> flow(plan, params, mix, batch, par);
+  std::vector<int32_t>& packed_of = reused_buffer<std::vector<int32_t>>();
+  gradient_layout(flow.steps, plan.hidden, plan.lu, packed_of);
+  const int64_t local_numel = int64_t(packed_of.size());
+  if (std::count_if(packed_of.begin(), packed_of.end(), [](int32_t i) { return i >= 0; }) != params_numel)
+    throw std::invalid_argument("glow_bwd: the plan's parameter offsets do not cover the " +
+                                std::to_string(params_numel) + " packed parameters");
   const int64_t C = plan.channels, S = plan.steps;
   const int64_t groups = std::min(flow.tiles, kMaxGroups);
   const int64_t tiles_per_group = (flow.tiles + groups - 1) / groups;
-  std::vector<A> partials(groups * params_numel, A(0));
-  std::vector<A> state(batch * C), other(plan.lu ? batch * C : 0);
+  std::vector<A>& partials = reused_buffer<std::vector<A>>();   // each group's part is zeroed by its thread
+  partials.resize(groups * local_numel);
   // Steps [last, first) in reverse on every tile of every group; `init` starts from dz and the prior's gradient,
   // `finish` writes dx. A group's tiles add to the group's own partial gradients, so the split is fixed.
   auto run_groups = [&](A* buffer, int64_t first, int64_t last, bool init, bool finish) {
     par(groups, 1, [&](int64_t group_begin, int64_t group_end) {
       Scratch<A> w = flow.scratch();
-      BackwardScratch<A> b(kTileRows, flow.c1_max, plan.hidden, flow.outputs_max);
+      BackwardScratch<A> b = flow.backward_scratch();
+      std::vector<A> own(buffer ? 0 : kTileRows * C);
       for (int64_t g = group_begin; g < group_end; ++g) {
-        A* grad = partials.data() + g * params_numel;
+        A* grad = partials.data() + g * local_numel;
+        if (init) std::fill(grad, grad + local_numel, A(0));
         const int64_t tile_end = std::min(flow.tiles, (g + 1) * tiles_per_group);
         for (int64_t tile = g * tiles_per_group; tile < tile_end; ++tile) {
           const int64_t row0 = tile * kTileRows, rows = flow.rows_of(tile);
-          A* dv = buffer + row0 * C;
+          A* dv = tile_rows(buffer, row0, C, own);
           if (init) {
             const A* final_state = mid + (S * batch + row0) * C;   // z before rounding
-            for (int64_t r = 0; r < rows; ++r)
-              for (int64_t p = 0; p < C; ++p)
-                dv[r * C + p] = load_as<A>(dz[(row0 + r) * C + plan.z_idx[p]]) -
-                                dlog_prior[row0 + r] * final_state[r * C + p];
+            for (int64_t r = 0; r < rows; ++r) {
+              const T* dzr = dz + (row0 + r) * C;
+              A* d = dv + r * C;
+              for (const ColumnRun& run : flow.runs)
+                for (int64_t i = 0; i < run.length; ++i) d[run.physical + i] = load_as<A>(dzr[run.column + i * run.step]);
+              const A* v = final_state + r * C;
+              const A dp = dlog_prior[row0 + r];
+              for (int64_t p = 0; p < C; ++p) d[p] -= dp * v[p];
+            }
           }
           for (int64_t s = first - 1; s >= last; --s)
             step_backward(plan, flow.steps[s], dv, mid + (s * batch + row0) * C, dlog_det + row0, rows, grad, w, b);
@@ -491,10 +712,11 @@ void backward(const T* dz, const A* dlog_det, const A* dlog_prior, const A* para
     });
   };
   if (!plan.lu) {
-    run_groups(state.data(), S, 0, true, true);
+    run_groups(nullptr, S, 0, true, true);
   } else {
-    A* cur = state.data();
-    A* next = other.data();
+    auto state = uninitialized<A>(batch * C), other = uninitialized<A>(batch * C);
+    A* cur = state.get();
+    A* next = other.get();
     run_groups(cur, S, S, true, false);
     for (int64_t s = S - 1; s >= 0; --s) {
       run_groups(cur, s + 1, s, false, false);
@@ -505,17 +727,17 @@ void backward(const T* dz, const A* dlog_det, const A* dlog_prior, const A* para
     }
     run_groups(cur, 0, 0, false, true);
   }
-  // Fixed-order sum of the group partials, split over parameters.
-  par(params_numel, 4096, [&](int64_t begin, int64_t end) {
+  // Fixed-order sum of the group partials in the local layout (contiguous reads), each written to its packed
+  // position; every packed parameter has exactly one local position.
+  par(local_numel, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
+      if (packed_of[i] < 0) continue;
       A total = 0;
-      for (int64_t g = 0; g < groups; ++g) total += partials[g * params_numel + i];
-      dparams[i] = total;
+      for (int64_t g = 0; g < groups; ++g) total += partials[g * local_numel + i];
+      dparams[packed_of[i]] = total;
     }
   });
 }
-
-
 
 template <typename Fn>
 void dispatch(DType dtype, const char* op, Fn&& fn) {

@@ -101,6 +101,7 @@ class Glow(nn.Module):
         self.fuse = True
         self._plans: dict[torch.device, GlowPlan] = {}
         self._pack_cache: dict[str, tuple] = {}
+        self._fused_tree: _FusedTree | None = None
         # Permutation buffers may change with a checkpoint: rebuild the fused plan after loading one.
         self.register_load_state_dict_post_hook(_drop_plans)
 
@@ -141,24 +142,25 @@ class Glow(nn.Module):
 
     # ---- which path a call takes ----
 
+    def _tree(self) -> "_FusedTree":
+        """What the fused path reads from the module tree, re-read whenever a submodule or parameter on its paths
+        was replaced (checked per call: users may swap submodules)."""
+        tree = self._fused_tree
+        if tree is None or not tree.still_holds():
+            tree = self._fused_tree = _FusedTree(self)
+        return tree
+
     def _steps(self):
-        return [step for steps in self.levels for step in steps]
+        return self._tree().steps
 
     def _fusable(self) -> bool:
-        """Whether the structure fits the fused op (checked per call: users may swap submodules)."""
-        if self.image or self.config["hidden"] > MAX_FUSED_HIDDEN:
-            return False
-        for step in self._steps():
-            net = step.coupling.subnet
-            if not step.coupling._builtin_mlp or type(net) is not MLPSubnet:
-                return False
-            if not (step.actnorm.logscale_factor == net.actnorm1.logscale_factor == net.actnorm2.logscale_factor
-                    == LOGSCALE_FACTOR):
-                return False
-        return True
+        """Whether the structure fits the fused op."""
+        return self._tree().fusable
 
     def _ddi_pending(self) -> bool:
-        return any(m.ddi_pending() for m in self.modules() if isinstance(m, ActNorm))
+        tree = self._tree()
+        actnorms = tree.actnorms if tree.fusable else [m for m in self.modules() if isinstance(m, ActNorm)]
+        return any(m.ddi_pending() for m in actnorms)
 
     def path_for(self, x: torch.Tensor) -> str:
         """"fused", "ops" or "reference": the path forward/log_prob/inverse take for input x (see the class doc;
@@ -184,21 +186,16 @@ class Glow(nn.Module):
         return plan
 
     def _step_params(self) -> list[list[torch.Tensor]]:
-        """Per step, the tensors of ops.glow.STEP_PARAMS."""
-        params = []
-        for step in self._steps():
-            net = step.coupling.subnet
-            params.append([step.actnorm.bias, step.actnorm.logs, net.linear1.weight, net.actnorm1.bias,
-                           net.actnorm1.logs, net.linear2.weight, net.actnorm2.bias, net.actnorm2.logs,
-                           net.out.weight, net.out.bias, net.out.logs])
-        return params
+        """Per step, the tensors of ops.glow.STEP_PARAMS (fusable structures only)."""
+        return self._tree().step_params
 
     def _needs_grad(self, x: torch.Tensor) -> bool:
         return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
 
     def _packed(self, direction: str, plan: GlowPlan, x: torch.Tensor):
-        """The packed parameters for ops.glow / ops.glow_inverse; cached while no gradient is needed (eval,
-        no_grad), keyed by every parameter's version so an optimizer step or load_state_dict refreshes it."""
+        """The packed parameters for ops.glow / ops.glow_inverse; cached, already concatenated, while no gradient
+        is needed (eval, no_grad), keyed by every parameter's version so an optimizer step or load_state_dict
+        refreshes it."""
         def pack():
             params = self._step_params()
             if direction == "forward":
@@ -212,7 +209,8 @@ class Glow(nn.Module):
         key = (plan.device,) + tuple((id(t), t._version) for t in self.parameters())
         cached = self._pack_cache.get(direction)
         if cached is None or cached[0] != key:
-            cached = (key, pack())
+            params, *rest = pack()
+            cached = (key, ([torch.cat([p.reshape(-1) for p in params])], *rest))
             self._pack_cache[direction] = cached
         return cached[1]
 
@@ -291,6 +289,55 @@ class Glow(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config.items())
+
+
+class _FusedTree:
+    """The parts of a Glow's module tree the fused path reads: the steps, their parameter tensors in packing order,
+    the ActNorms whose data-dependent init is pending or not, and whether the structure fits the fused op.
+
+    Walking the tree per call (modules(), nn.Module.__getattr__ per tensor) costs more host time than the CPU
+    kernels at batch 64, so it is read once, together with every (container, name) -> object link it went
+    through; it stays valid while all of them still hold (still_holds: a dict lookup per link). Replacing a
+    submodule or parameter on those paths makes the next call read the tree again."""
+
+    def __init__(self, glow: Glow):
+        self._links: list[tuple[dict, str, object]] = []
+        levels = self._child(glow, "levels")
+        self.steps = [self._child(level, key) for level in (self._child(levels, k) for k in list(levels._modules))
+                      for key in list(level._modules)]
+        self.step_params: list[list[torch.Tensor]] = []
+        self.actnorms: list[ActNorm] = []
+        self.fusable = not glow.image and glow.config["hidden"] <= MAX_FUSED_HIDDEN
+        for step in self.steps:
+            actnorm, coupling = self._child(step, "actnorm"), self._child(step, "coupling")
+            net = self._child(coupling, "subnet")
+            if not (self.fusable and coupling._builtin_mlp and type(net) is MLPSubnet):
+                self.fusable = False
+                break
+            actnorm1, actnorm2 = self._child(net, "actnorm1"), self._child(net, "actnorm2")
+            linear1, linear2, out = self._child(net, "linear1"), self._child(net, "linear2"), self._child(net, "out")
+            if not (actnorm.logscale_factor == actnorm1.logscale_factor == actnorm2.logscale_factor
+                    == LOGSCALE_FACTOR):
+                self.fusable = False
+                break
+            self.actnorms += [actnorm, actnorm1, actnorm2]
+            self.step_params.append([self._param(m, name) for m, name in (
+                (actnorm, "bias"), (actnorm, "logs"), (linear1, "weight"), (actnorm1, "bias"), (actnorm1, "logs"),
+                (linear2, "weight"), (actnorm2, "bias"), (actnorm2, "logs"), (out, "weight"), (out, "bias"),
+                (out, "logs"))])
+
+    def _child(self, parent: nn.Module, name: str) -> nn.Module:
+        child = parent._modules[name]
+        self._links.append((parent._modules, name, child))
+        return child
+
+    def _param(self, module: nn.Module, name: str) -> torch.Tensor:
+        param = module._parameters[name]
+        self._links.append((module._parameters, name, param))
+        return param
+
+    def still_holds(self) -> bool:
+        return all(container.get(name) is value for container, name, value in self._links)
 
 
 def _drop_plans(module: Glow, incompatible_keys) -> None:

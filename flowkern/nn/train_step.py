@@ -72,7 +72,8 @@ class TrainStep:
 
     def _body(self, x: torch.Tensor) -> torch.Tensor:
         """The whole step as device work only (this is what a graph captures)."""
-        self.optimizer.zero_grad(set_to_none=False)
+        # Graphs write gradients in place; eager steps let autograd hand over fresh ones (no zeroing, no add).
+        self.optimizer.zero_grad(set_to_none=not self.graphs)
         loss = self._loss(x)
         loss.backward()
         if self.clip_norm is not None:

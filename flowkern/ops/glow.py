@@ -14,6 +14,7 @@ is added on the host as well.
 from __future__ import annotations
 
 import torch
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from .. import backend
 from .._checks import compute_dtype
@@ -110,6 +111,12 @@ def _flatten(tensors) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
+def _concatenate(params) -> torch.Tensor:
+    """The packed parameter vector the kernels read, in one C++ call (a Python loop over ~100 tensors costs more
+    than the copy)."""
+    return _flatten_dense_tensors(list(params))
+
+
 def _check_step_params(plan: GlowPlan, step_params) -> None:
     if len(step_params) != plan.steps:
         raise ValueError(f"glow: expected parameters for {plan.steps} steps, got {len(step_params)}")
@@ -121,13 +128,14 @@ def _check_step_params(plan: GlowPlan, step_params) -> None:
 
 
 def pack_forward(plan: GlowPlan, step_params, lu_weights=None):
-    """(params, mix, log_det_const) for `glow`: the flat parameter vector, the folded LU maps (empty for
-    permutation flows) and the LU flows' constant log-det (None for permutation flows, whose kernel adds the
-    ActNorm log-det itself). step_params: per step, the tensors of STEP_PARAMS; lu_weights: per step (W, log|det W|)
-    for LU flows. Differentiable: autograd routes the packed gradients back to every tensor."""
+    """(params, mix, log_det_const) for `glow`: the parameter tensors in packing order (a list: the op
+    concatenates them itself and hands each its gradient, so autograd sees no per-tensor views), the folded LU
+    maps (empty for permutation flows) and the LU flows' constant log-det (None for permutation flows, whose kernel
+    adds the ActNorm log-det itself). step_params: per step, the tensors of STEP_PARAMS; lu_weights: per step
+    (W, log|det W|) for LU flows. Differentiable."""
     _check_step_params(plan, step_params)
     if not plan.lu:
-        return _flatten(t for tensors in step_params for t in tensors), step_params[0][0].new_empty(0), None
+        return [t for tensors in step_params for t in tensors], step_params[0][0].new_empty(0), None
     f = plan.logscale_factor
     mix, const = [], 0.0
     for tensors, (weight, weight_log_det) in zip(step_params, lu_weights):
@@ -135,15 +143,15 @@ def pack_forward(plan: GlowPlan, step_params, lu_weights=None):
         scale = torch.exp(f * logs)
         mix += [weight * scale[None, :], weight @ (bias * scale)]
         const = const + weight_log_det + f * logs.sum()
-    params = _flatten(t for tensors in step_params for t in tensors[2:])
-    return params, _flatten(mix), const
+    return [t for tensors in step_params for t in tensors[2:]], _flatten(mix), const
 
 
 def pack_inverse(plan: GlowPlan, step_params, lu_inverse_weights=None):
-    """(params, mix) for `glow_inverse`; lu_inverse_weights: per step W^-1 (float64 from lu_inverse_weight)."""
+    """(params, mix) for `glow_inverse` (params: a list, as from pack_forward); lu_inverse_weights: per step W^-1
+    (float64 from lu_inverse_weight)."""
     _check_step_params(plan, step_params)
     if not plan.lu:
-        return _flatten(t for tensors in step_params for t in tensors), step_params[0][0].new_empty(0)
+        return [t for tensors in step_params for t in tensors], step_params[0][0].new_empty(0)
     f = plan.logscale_factor
     mix = []
     for tensors, inverse_weight in zip(step_params, lu_inverse_weights):
@@ -151,8 +159,7 @@ def pack_inverse(plan: GlowPlan, step_params, lu_inverse_weights=None):
         # u = W^-1 v / s - b: the ActNorm inverse folded into the rows of W^-1 (computed in float64).
         scale = torch.exp(f * logs.to(inverse_weight.dtype))
         mix += [(inverse_weight / scale[:, None]).to(bias.dtype), -bias]
-    params = _flatten(t for tensors in step_params for t in tensors[2:])
-    return params, _flatten(mix)
+    return [t for tensors in step_params for t in tensors[2:]], _flatten(mix)
 
 
 # ---- the eager reference, on the packed parameters, in logical channel order ----
@@ -168,6 +175,7 @@ def _unpack_step(plan: GlowPlan, params: torch.Tensor, mix: torch.Tensor, s: int
 
 def glow_ref(x, plan: GlowPlan, params, mix, log_det_const=None):
     """(z, log_det, log_prior) of the packed Glow, composed of the per-op references (compute dtype throughout)."""
+    params = _flatten(params)
     dtype = compute_dtype(x.dtype)
     f = plan.logscale_factor
     h = x.to(dtype)
@@ -196,6 +204,7 @@ def glow_ref(x, plan: GlowPlan, params, mix, log_det_const=None):
 
 
 def glow_inverse_ref(z, plan: GlowPlan, params, mix):
+    params = _flatten(params)
     dtype = compute_dtype(z.dtype)
     f = plan.logscale_factor
     sizes = [cl - half(cl) for cl in plan.level_channels[:-1]] + [plan.level_channels[-1]]
@@ -224,9 +233,9 @@ def _glow_fwd(x: torch.Tensor, params: torch.Tensor, mix: torch.Tensor, meta: to
               cp_idx: torch.Tensor, z_idx: torch.Tensor, level_steps: list[int], level_channels: list[int],
               hidden: int, affine: bool, lu: bool, logscale_factor: float, save: bool,
               impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(z, log_det, log_prior, mid, inp); mid and inp are what the backward needs (empty unless `save`).
-    level_steps / level_channels (steps and channels per level) are for the backward, which needs them on the
-    host: reading them from `meta` there would be a device sync."""
+    """(z, log_det, log_prior, mid, inp) from the packed parameter vector; mid and inp are what the backward needs
+    (empty unless `save`). level_steps / level_channels (steps and channels per level) are for the backward, which
+    needs them on the host: reading them from `meta` there would be a device sync."""
     return backend.kernels(impl, "glow").glow_fwd(x, params, mix, meta, an_idx, cp_idx, z_idx, hidden, affine, lu,
                                                   logscale_factor, save)
 
@@ -269,8 +278,9 @@ def _glow_setup_context(ctx, inputs, output):
     ctx.hidden, ctx.affine, ctx.lu, ctx.logscale_factor, ctx.impl = hidden, affine, lu, logscale_factor, impl
 
 
-def _glow_backward(ctx, dz, dlog_det, dlog_prior, _dmid, _dinp):
-    z, params, mix, mid, inp, meta, an_idx, cp_idx, z_idx = ctx.saved_tensors
+def _backward_kernel(dz, dlog_det, dlog_prior, z, params, mix, mid, inp, meta, an_idx, cp_idx, z_idx, levels,
+                     hidden, affine, lu, logscale_factor, impl):
+    """(dx, dparams, dmix) through the glow_bwd op, with autograd's None gradients made explicit."""
     if mid.numel() == 0:
         raise RuntimeError("flowkern glow: backward through a forward that did not save its activations "
                            "(it ran with save=False)")
@@ -278,14 +288,46 @@ def _glow_backward(ctx, dz, dlog_det, dlog_prior, _dmid, _dinp):
     acc = compute_dtype(z.dtype)
     dlog_det = z.new_zeros(z.shape[0], dtype=acc) if dlog_det is None else dlog_det.contiguous()
     dlog_prior = z.new_zeros(z.shape[0], dtype=acc) if dlog_prior is None else dlog_prior.contiguous()
-    level_steps, level_channels = ctx.levels
-    dx, dparams, dmix = _glow_bwd(dz, dlog_det, dlog_prior, z, params, mix, mid, inp, meta, an_idx, cp_idx, z_idx,
-                                  level_steps, level_channels, ctx.hidden, ctx.affine, ctx.lu, ctx.logscale_factor,
-                                  ctx.impl)
+    level_steps, level_channels = levels
+    return _glow_bwd(dz, dlog_det, dlog_prior, z, params, mix, mid, inp, meta, an_idx, cp_idx, z_idx, level_steps,
+                     level_channels, hidden, affine, lu, logscale_factor, impl)
+
+
+def _glow_backward(ctx, dz, dlog_det, dlog_prior, _dmid, _dinp):
+    dx, dparams, dmix = _backward_kernel(dz, dlog_det, dlog_prior, *ctx.saved_tensors, ctx.levels, ctx.hidden,
+                                         ctx.affine, ctx.lu, ctx.logscale_factor, ctx.impl)
     return (dx, dparams, dmix if ctx.lu else None) + (None,) * 12
 
 
 _glow_fwd.register_autograd(_glow_backward, setup_context=_glow_setup_context)
+
+
+class _GlowFunction(torch.autograd.Function):
+    """glow_fwd over the parameter tensors themselves (eager calls): one autograd node whose backward hands each
+    tensor its slice of the packed gradient. Packing under autograd instead (a cat, then a view per tensor on the
+    way back) costs more host time than the CPU kernels themselves at batch 64 with BERT-flow's ~100 tensors.
+    Inside, glow_fwd runs without grad: its own registered autograd (what torch.compile traces) stays out."""
+
+    @staticmethod
+    def forward(ctx, x, mix, plan, save, impl, *params):
+        packed = _concatenate(params)
+        z, log_det, log_prior, mid, inp = _glow_fwd(x, packed, mix, plan.meta, plan.an_idx, plan.cp_idx, plan.z_idx,
+                                                    plan.level_steps, plan.level_channels, plan.hidden, plan.affine,
+                                                    plan.lu, plan.logscale_factor, save, impl)
+        ctx.save_for_backward(z, packed, mix, mid, inp)
+        ctx.plan, ctx.impl, ctx.params = plan, impl, params
+        return z, log_det, log_prior
+
+    @staticmethod
+    def backward(ctx, dz, dlog_det, dlog_prior):
+        plan = ctx.plan
+        z, packed, mix, mid, inp = ctx.saved_tensors
+        dx, dpacked, dmix = _backward_kernel(dz, dlog_det, dlog_prior, z, packed, mix, mid, inp, plan.meta,
+                                             plan.an_idx, plan.cp_idx, plan.z_idx,
+                                             (plan.level_steps, plan.level_channels), plan.hidden, plan.affine,
+                                             plan.lu, plan.logscale_factor, ctx.impl)
+        dparams = _unflatten_dense_tensors(dpacked, ctx.params)
+        return (dx, dmix if plan.lu else None, None, None, None, *dparams)
 
 @torch.library.custom_op("flowkern::glow_inv", mutates_args=())
 def _glow_inv(z: torch.Tensor, params: torch.Tensor, mix: torch.Tensor, meta: torch.Tensor, an_idx: torch.Tensor,
@@ -309,15 +351,22 @@ def _check(t: torch.Tensor, plan: GlowPlan, params: torch.Tensor, mix: torch.Ten
         raise ValueError(f"{where}: empty batch")
     if not t.is_floating_point():
         raise ValueError(f"{where}: expected a floating-point tensor, got {t.dtype}")
-    if t.device != params.device or t.device != plan.device:
-        raise ValueError(f"{where}: input on {t.device}, parameters on {params.device}, plan on {plan.device}")
-    if params.numel() != plan.params_numel:
-        raise ValueError(f"{where}: {params.numel()} packed parameters, the plan expects {plan.params_numel}")
+    if isinstance(params, torch.Tensor) or not params:
+        raise TypeError(f"{where}: params must be the list of parameter tensors from pack_forward / pack_inverse")
+    devices = {p.device for p in params} | {mix.device}
+    if devices != {t.device} or t.device != plan.device:
+        raise ValueError(f"{where}: input on {t.device}, parameters on {sorted(map(str, devices))}, plan on "
+                         f"{plan.device}")
+    if len({p.dtype for p in params}) != 1:
+        raise ValueError(f"{where}: parameters of mixed dtypes {sorted({str(p.dtype) for p in params})}")
+    numel = sum(p.numel() for p in params)
+    if numel != plan.params_numel:
+        raise ValueError(f"{where}: {numel} packed parameters, the plan expects {plan.params_numel}")
     if mix.numel() != plan.mix_numel:
         raise ValueError(f"{where}: {mix.numel()} packed LU values, the plan expects {plan.mix_numel}")
 
 
-def glow(x: torch.Tensor, plan: GlowPlan, params: torch.Tensor, mix: torch.Tensor,
+def glow(x: torch.Tensor, plan: GlowPlan, params: list[torch.Tensor], mix: torch.Tensor,
          log_det_const: torch.Tensor | None = None):
     """(z [B, C], log_det [B], log_prior [B]) of the whole Glow; log_prob = log_prior + log_det.
 
@@ -327,21 +376,24 @@ def glow(x: torch.Tensor, plan: GlowPlan, params: torch.Tensor, mix: torch.Tenso
     impl = backend.resolve(x, "glow", BACKENDS)
     if impl == "torch":
         return glow_ref(x, plan, params, mix, log_det_const)
-    save = torch.is_grad_enabled() and (x.requires_grad or params.requires_grad or mix.requires_grad)
-    z, log_det, log_prior, _, _ = _glow_fwd(x, params, mix, plan.meta, plan.an_idx, plan.cp_idx, plan.z_idx,
-                                            plan.level_steps, plan.level_channels, plan.hidden, plan.affine, plan.lu,
-                                            plan.logscale_factor, save, impl)
+    save = torch.is_grad_enabled() and (x.requires_grad or mix.requires_grad or any(p.requires_grad for p in params))
+    if torch.compiler.is_compiling():   # traced: the custom op and its registered autograd
+        z, log_det, log_prior, _, _ = _glow_fwd(x, _flatten(params), mix, plan.meta, plan.an_idx, plan.cp_idx,
+                                                plan.z_idx, plan.level_steps, plan.level_channels, plan.hidden,
+                                                plan.affine, plan.lu, plan.logscale_factor, save, impl)
+    else:
+        z, log_det, log_prior = _GlowFunction.apply(x, mix, plan, save, impl, *params)
     if log_det_const is not None:
         log_det = log_det + log_det_const.to(log_det.dtype)
     return z, log_det, log_prior
 
 
-def glow_inverse(z: torch.Tensor, plan: GlowPlan, params: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+def glow_inverse(z: torch.Tensor, plan: GlowPlan, params: list[torch.Tensor], mix: torch.Tensor) -> torch.Tensor:
     """x with glow(x)[0] = z; params, mix from pack_inverse. Kernel backends have no backward for it: callers
     needing gradients through the inverse use the per-op path (nn.Glow does)."""
     _check(z, plan, params, mix, "glow_inverse")
     impl = backend.resolve(z, "glow_inverse", BACKENDS)
     if impl == "torch":
         return glow_inverse_ref(z, plan, params, mix)
-    return _glow_inv(z, params, mix, plan.meta, plan.an_idx, plan.cp_idx, plan.z_idx, plan.hidden, plan.affine,
+    return _glow_inv(z, _concatenate(params), mix, plan.meta, plan.an_idx, plan.cp_idx, plan.z_idx, plan.hidden, plan.affine,
                      plan.lu, plan.logscale_factor, impl)

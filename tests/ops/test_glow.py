@@ -109,6 +109,14 @@ def test_backward_walks_several_row_tiles_per_program(impl):
     _compare(_flow(10, 2, "affine", "reverse", device, depth=3), make((150, 10), device=device), torch.float32, impl)
 
 
+@each_backend
+@pytest.mark.parametrize("coupling, mixing", [("affine", "random"), ("additive", "reverse")])
+def test_hidden_width_off_the_vector_width(impl, coupling, mixing):
+    # hidden 20: the kernels pad the subnet's layers to their vector / block widths; the padding must stay inert.
+    device = device_for(impl)
+    _compare(_flow(67, 2, coupling, mixing, device, hidden=20), make((37, 67), device=device), torch.float32, impl)
+
+
 # ---- which path a call takes ----
 
 @each_backend
@@ -138,6 +146,27 @@ def test_path_for(impl):
     user = Glow(10, levels=1, depth=1, hidden=16).to(device).eval()
     user.levels[0][0].coupling = AffineCoupling(10, subnet=MLPSubnet(5, 10, 16)).to(device)
     assert user.path_for(x) == "ops"
+
+
+@each_backend
+def test_fused_path_follows_replaced_modules_and_parameters(impl):
+    # The fused path reads the module tree once and re-reads it when anything on it was replaced.
+    device = device_for(impl)
+    x = make((8, 10), device=device)
+    flow = _flow(10, 2, "additive", "reverse", device).eval()
+    with flowkern.use_backend(impl):
+        flow.log_prob(x)
+        net = flow.levels[1][0].coupling.subnet
+        net.out.weight = torch.nn.Parameter(torch.randn_like(net.out.weight))
+        flow.levels[0][1].actnorm = randomize_(ActNorm(10).to(device))
+        assert flow.path_for(x) == "fused"
+        fused = flow.log_prob(x)
+    with flowkern.use_backend("torch"):
+        expected = flow.log_prob(x)
+    torch.testing.assert_close(fused, expected, rtol=1e-4, atol=1e-4)
+    flow.levels[0][0].coupling = AffineCoupling(10, subnet=MLPSubnet(5, 10, 16)).to(device)
+    with flowkern.use_backend(impl):
+        assert flow.path_for(x) == "ops"
 
 
 @each_backend
@@ -238,6 +267,10 @@ def test_bad_input_is_named():
         ops.glow(torch.randn(0, 10), plan, params, mix)
     with pytest.raises(ValueError, match="packed parameters"):
         ops.glow(torch.randn(4, 10), plan, params[1:], mix)
+    with pytest.raises(TypeError, match="list of parameter tensors"):
+        ops.glow(torch.randn(4, 10), plan, torch.cat([p.reshape(-1) for p in params]), mix)
+    with pytest.raises(ValueError, match="mixed dtypes"):
+        ops.glow(torch.randn(4, 10), plan, [params[0].double()] + params[1:], mix)
     with pytest.raises(ValueError, match="packed LU values"):
         ops.glow(torch.randn(4, 10), plan, params, torch.zeros(3))
     with pytest.raises(ValueError, match="floating-point"):
@@ -256,10 +289,11 @@ def test_custom_ops_pass_opcheck(impl, coupling, mixing):
     x = make((5, 10), device=device)
     common = (plan.meta, plan.an_idx, plan.cp_idx, plan.z_idx)
     flags = (plan.hidden, plan.affine, plan.lu, plan.logscale_factor)
+    packed = torch.cat([p.detach().reshape(-1) for p in params])
     torch.library.opcheck(torch.ops.flowkern.glow_fwd.default,
-                          (x.requires_grad_(), params.detach().requires_grad_(), mix.detach().requires_grad_(),
+                          (x.requires_grad_(), packed.clone().requires_grad_(), mix.detach().requires_grad_(),
                            *common, plan.level_steps, plan.level_channels, *flags, True, impl))
-    torch.library.opcheck(torch.ops.flowkern.glow_inv.default, (x.detach(), params.detach(), mix.detach(), *common,
+    torch.library.opcheck(torch.ops.flowkern.glow_inv.default, (x.detach(), packed, mix.detach(), *common,
                                                                  *flags, impl))
 
 
