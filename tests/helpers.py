@@ -36,3 +36,12 @@ def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def random_input(batch: int, channels: int, image: bool, dtype=torch.float32, hw=(4, 6)) -> torch.Tensor:
     shape = (batch, channels, *hw) if image else (batch, channels)
     return (torch.randn(shape, dtype=torch.float64) * 1.5 + 0.3).to(dtype)
+
+
+def backends_for_invariants() -> tuple[list[str], list[str]]:
+    """(every backend the model-level invariant tests run in full, backends that run only a small subset): the
+    Triton interpreter on CPU costs seconds per Glow call under a Jacobian or gradcheck, so it takes a subset;
+    on a GPU, Triton runs the full grid."""
+    from tests.conftest import KERNEL_BACKENDS
+    interpreted = [b for b in KERNEL_BACKENDS if b == "triton" and not torch.cuda.is_available()]
+    return ["torch"] + [b for b in KERNEL_BACKENDS if b not in interpreted], interpreted

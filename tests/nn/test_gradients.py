@@ -1,10 +1,17 @@
-"""gradcheck in float64 of every layer w.r.t. its input and all its parameters."""
+"""gradcheck in float64 of every layer w.r.t. its input and all its parameters, on every backend."""
 import pytest
 import torch
 from torch.func import functional_call
 
+import flowkern
+
 from flowkern.nn import ActNorm, AdditiveCoupling, AffineCoupling, FlowStep, Glow, InvConv1x1, Split
-from tests.helpers import randomize_, random_input
+from tests.conftest import KERNEL_BACKENDS
+from tests.helpers import backends_for_invariants, randomize_, random_input
+
+# The Triton interpreter would take minutes per gradcheck; its kernels' gradients are checked against the float64
+# reference in tests/ops, and here on a GPU.
+BACKENDS, _ = backends_for_invariants()
 
 LAYERS = {
     "actnorm": lambda image: ActNorm(5),
@@ -40,15 +47,29 @@ def _gradcheck_with_params(module, x):
 
 @pytest.mark.parametrize("image", [False, True], ids=["BC", "BCHW"])
 @pytest.mark.parametrize("layer", sorted(LAYERS))
-def test_forward_gradcheck(layer, image):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_gradcheck(backend, layer, image):
     module = randomize_(LAYERS[layer](image)).double()
-    _gradcheck_with_params(module, random_input(3, 5, image, torch.float64, hw=(2, 2)))
+    with flowkern.use_backend(backend):
+        _gradcheck_with_params(module, random_input(3, 5, image, torch.float64, hw=(2, 2)))
 
 
 @pytest.mark.parametrize("layer", sorted(LAYERS))
-def test_inverse_gradcheck(layer):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inverse_gradcheck(backend, layer):
     module = randomize_(LAYERS[layer](False)).double()
-    _gradcheck_with_params(_Inverse(module), random_input(3, 5, False, torch.float64))
+    with flowkern.use_backend(backend):
+        _gradcheck_with_params(_Inverse(module), random_input(3, 5, False, torch.float64))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layer", ["flowstep", "glow"])
+@pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b != "cpp"])
+def test_gpu_forward_and_inverse_gradcheck(backend, layer):
+    module = randomize_(LAYERS[layer](False)).double().cuda()
+    with flowkern.use_backend(backend):
+        _gradcheck_with_params(module, random_input(3, 5, False, torch.float64).cuda())
+        _gradcheck_with_params(_Inverse(module), random_input(3, 5, False, torch.float64).cuda())
 
 
 def test_split_gradcheck():

@@ -1,10 +1,14 @@
-"""log_det equals log |det J| of the autograd Jacobian (float64, randomized parameters)."""
+"""log_det equals log |det J| of the autograd Jacobian (float64, randomized parameters), on every backend."""
 import pytest
 import torch
 
+import flowkern
+
 from flowkern.nn import (ActNorm, AdditiveCoupling, AffineCoupling, FlowStep, Glow, InvConv1x1, MLPSubnet,
                          Squeeze)
-from tests.helpers import randomize_, random_input
+from tests.helpers import backends_for_invariants, randomize_, random_input
+
+BACKENDS, INTERPRETED = backends_for_invariants()
 
 LAYERS = {
     "actnorm": lambda c, image: ActNorm(c),
@@ -31,22 +35,36 @@ def jacobian_log_det(fn, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("image", [False, True], ids=["BC", "BCHW"])
 @pytest.mark.parametrize("channels", [6, 7])
 @pytest.mark.parametrize("layer", sorted(LAYERS))
-def test_layer_log_det_matches_jacobian(layer, channels, image):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layer_log_det_matches_jacobian(backend, layer, channels, image):
     module = randomize_(LAYERS[layer](channels, image)).double()
     x = random_input(3, channels, image, torch.float64, hw=(2, 4))
-    _, log_det = module(x)
-    torch.testing.assert_close(log_det, jacobian_log_det(lambda s: module(s)[0], x), rtol=1e-9, atol=1e-9)
+    with flowkern.use_backend(backend):
+        _, log_det = module(x)
+        torch.testing.assert_close(log_det, jacobian_log_det(lambda s: module(s)[0], x), rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("mixing", ["lu", "reverse", "random"])
 @pytest.mark.parametrize("coupling", ["additive", "affine"])
 @pytest.mark.parametrize("image", [False, True], ids=["BC", "BCHW"])
-def test_glow_log_det_matches_jacobian(coupling, mixing, image):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_glow_log_det_matches_jacobian(backend, coupling, mixing, image):
+    _check_glow_log_det(backend, coupling, mixing, image)
+
+
+@pytest.mark.parametrize("coupling, mixing", [("additive", "reverse"), ("affine", "lu")])
+@pytest.mark.parametrize("backend", INTERPRETED)
+def test_glow_log_det_matches_jacobian_interpreted(backend, coupling, mixing):
+    _check_glow_log_det(backend, coupling, mixing, image=False)
+
+
+def _check_glow_log_det(backend: str, coupling: str, mixing: str, image: bool) -> None:
     flow = randomize_(Glow(3 if image else 10, levels=2, depth=2, hidden=8, coupling=coupling, mixing=mixing,
                            image=image)).double()
     x = random_input(2, flow.channels, image, torch.float64, hw=(4, 4))
-    _, log_det = flow(x)
-    torch.testing.assert_close(log_det, jacobian_log_det(lambda s: flow(s)[0], x), rtol=1e-9, atol=1e-9)
+    with flowkern.use_backend(backend):
+        _, log_det = flow(x)
+        torch.testing.assert_close(log_det, jacobian_log_det(lambda s: flow(s)[0], x), rtol=1e-9, atol=1e-9)
 
 
 def test_squeeze_log_det_matches_jacobian():

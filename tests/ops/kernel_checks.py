@@ -36,6 +36,21 @@ class LauncherCalls:
             monkeypatch.setattr(kernels, name, counted)
 
 
+def assert_compiled_matches_float64(loss, reference, inputs: list[torch.Tensor], terms: int) -> None:
+    """torch.compile(loss, fullgraph=True) (loss built from flowkern's custom ops) against `reference`, the same
+    math on the ops' float64 references: the loss and its gradient to every input. `terms`: values summed into the
+    loss (scales the tolerance)."""
+    backend = "aot_eager" if inputs[0].device.type == "cpu" else "inductor"
+    value = torch.compile(loss, fullgraph=True, backend=backend)(*inputs)
+    grads = torch.autograd.grad(value, inputs)
+    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+    value64 = reference(*inputs64)
+    grads64 = torch.autograd.grad(value64, inputs64)
+    assert_close(value.detach(), value64.detach(), torch.float32, terms=terms)
+    for grad, grad64 in zip(grads, grads64):
+        assert_close(grad, grad64, torch.float32, terms=terms)
+
+
 def assert_training_step_matches_torch(model: Glow, x: torch.Tensor) -> None:
     """One training step's loss and parameter gradients under "triton" equal those under "torch" (after the
     data-dependent init, which runs unfused), and the inverse restores x."""

@@ -14,7 +14,8 @@ from flowkern.ops.mlp_coupling import MAX_FUSED_HIDDEN, mlp_coupling_inverse_ref
 from tests.conftest import KERNEL_BACKENDS
 from tests.ops.kernel_cases import LAYOUTS, LOW_PRECISION, assert_close, device_for, grad_dtype, make
 from tests.helpers import randomize_
-from tests.ops.kernel_checks import (MAX_SPILL_BYTES, LauncherCalls, assert_training_step_matches_torch,
+from tests.ops.kernel_checks import (MAX_SPILL_BYTES, LauncherCalls, assert_compiled_matches_float64,
+                                     assert_training_step_matches_torch,
                                      compile_for_hopper, hopper_case, needs_hopper_toolchain)
 
 FACTOR = 3.0
@@ -86,6 +87,23 @@ def test_forward_and_backward_match_reference(impl, batch, channels, hidden, aff
 # The inverse shares the forward's kernels but for its epilogue: every layout in fp32, one non-contiguous layout
 # in low precision.
 _INVERSE_CASES = [(layout, torch.float32) for layout in LAYOUTS] + [("strided", dtype) for dtype in LOW_PRECISION]
+
+
+@pytest.mark.parametrize("impl", KERNEL_BACKENDS)
+@pytest.mark.parametrize("launcher", ["mlp_coupling_fwd", "mlp_coupling_bwd"], ids=["z2", "dx1"])
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_low_precision_check_catches_a_two_percent_error(monkeypatch, impl, launcher, dtype):
+    # The check the grid above relies on must fail a kernel whose z2 (or dx1) is 2% off.
+    kernels = flowkern.backend.kernels(impl, "mlp_coupling")
+    correct = getattr(kernels, launcher)
+
+    def two_percent_off(*args):
+        first, *rest = correct(*args)
+        return (first * 1.02, *rest)
+
+    monkeypatch.setattr(kernels, launcher, two_percent_off)
+    with pytest.raises(AssertionError):
+        _check(impl, 33, 130, 32, True, dtype, "contiguous", False, device_for(impl))
 
 
 @pytest.mark.parametrize("impl", KERNEL_BACKENDS)
@@ -176,11 +194,12 @@ def test_custom_ops_compile_without_graph_breaks(impl):
         x2 = torch.ops.flowkern.mlp_coupling_inv(x[:, :5], z2, *params, True, FACTOR, impl)
         return (z2 * z2).sum() - log_det.sum() + (x2 * x2).sum()
 
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
-    grads = torch.autograd.grad(compiled(x, *params), [x] + params)
-    expected = torch.autograd.grad(loss(x, *params), [x] + params)
-    for grad, grad_expected in zip(grads, expected):
-        torch.testing.assert_close(grad, grad_expected)
+    def reference(x, *params):
+        z2, log_det = mlp_coupling_ref(x[:, :5], x[:, 5:], *params, True, FACTOR)
+        x2 = mlp_coupling_inverse_ref(x[:, :5], z2, *params, True, FACTOR)
+        return (z2 * z2).sum() - log_det.sum() + (x2 * x2).sum()
+
+    assert_compiled_matches_float64(loss, reference, [x] + params, terms=3 * x.numel() * 8)
 
 
 # ---- the coupling layers use the fused op ----
