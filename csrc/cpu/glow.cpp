@@ -32,7 +32,7 @@ namespace {
 constexpr int64_t kTileRows = 16;       // rows a tile carries through the flow together (weights stream once a tile)
 constexpr int64_t kMaxGroups = 8;       // row groups of the backward (one partial-gradient buffer each)
 
-// Columns of GlowPlan.meta (flowkern/ops/glow.py): parameter offsets, then mixing offsets, C1, CL.
+// Columns of GlowPlan.meta (flowkern/ops/glow_ops.py): parameter offsets, then mixing offsets, C1, CL.
 enum Meta : int {
   kActnormBias = 0, kActnormLogs, kW1, kB1, kL1, kW2, kB2, kL2, kW3, kB3, kL3, kMixW, kMixB, kC1, kCL, kMetaColumns = 16
 };

@@ -5,7 +5,7 @@ from torch import nn
 
 from .. import ops
 from .._checks import check_input
-from ..ops.mlp_coupling import MAX_FUSED_HIDDEN
+from ..ops.mlp_coupling_ops import MAX_FUSED_HIDDEN
 from .actnorm import suspend_ddi
 from .subnets import LOGSCALE_FACTOR, ConvSubnet, MLPSubnet
 

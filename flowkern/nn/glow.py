@@ -7,8 +7,8 @@ from torch import nn
 
 from .. import backend, ops
 from .._checks import check_input, compute_dtype
-from ..ops.glow import BACKENDS as GLOW_BACKENDS, GlowPlan, pack_forward, pack_inverse
-from ..ops.mlp_coupling import MAX_FUSED_HIDDEN
+from ..ops.glow_ops import BACKENDS as GLOW_BACKENDS, GlowPlan, pack_forward, pack_inverse
+from ..ops.mlp_coupling_ops import MAX_FUSED_HIDDEN
 from .actnorm import ActNorm
 from .coupling import AdditiveCoupling, AffineCoupling
 from .invconv import MIXINGS, InvConv1x1

@@ -1,10 +1,10 @@
 """Functional flow ops: each dispatches to the chosen backend (see flowkern.backend)."""
-from .actnorm import actnorm, actnorm_inverse
-from .coupling import coupling, coupling_inverse
-from .glow import glow, glow_inverse
-from .invconv import actnorm_invconv, invconv, invconv_inverse, lu_inverse_weight, lu_weight, permute_channels
-from .mlp_coupling import mlp_coupling, mlp_coupling_inverse
-from .prior import gaussian_log_prob, half, split_channels, squeeze2d, unsqueeze2d
+from .actnorm_ops import actnorm, actnorm_inverse
+from .coupling_ops import coupling, coupling_inverse
+from .glow_ops import glow, glow_inverse
+from .invconv_ops import actnorm_invconv, invconv, invconv_inverse, lu_inverse_weight, lu_weight, permute_channels
+from .mlp_coupling_ops import mlp_coupling, mlp_coupling_inverse
+from .prior_ops import gaussian_log_prob, half, split_channels, squeeze2d, unsqueeze2d
 
 __all__ = [
     "actnorm", "actnorm_inverse", "coupling", "coupling_inverse", "invconv", "invconv_inverse",

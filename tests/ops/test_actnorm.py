@@ -6,7 +6,7 @@ import torch
 
 import flowkern
 from flowkern import ops
-from flowkern.ops.actnorm import actnorm_inverse_ref, actnorm_ref
+from flowkern.ops.actnorm_ops import actnorm_inverse_ref, actnorm_ref
 from tests.conftest import KERNEL_BACKENDS
 from tests.ops.kernel_cases import (GPU_DTYPES, GPU_ODD_SHAPES, LAYOUTS, LOW_PRECISION, SHAPES, assert_close,
                                     device_for, grad_dtype, make, pixels)

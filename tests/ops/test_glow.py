@@ -11,7 +11,7 @@ import torch
 import flowkern
 from flowkern import ops
 from flowkern.nn import ActNorm, AffineCoupling, Glow, MLPSubnet
-from flowkern.ops.glow import GlowPlan, glow_ref, pack_forward
+from flowkern.ops.glow_ops import GlowPlan, glow_ref, pack_forward
 from tests.conftest import KERNEL_BACKENDS
 from tests.helpers import randomize_
 from tests.ops.kernel_cases import assert_close, device_for, grad_dtype, make

@@ -11,6 +11,7 @@ import torch
 import flowkern
 from flowkern import ops
 from flowkern.nn import FlowStep, Glow
+from flowkern.ops import invconv_ops
 from tests.conftest import KERNEL_BACKENDS
 from tests.helpers import randomize_
 from tests.ops.kernel_checks import (MAX_SPILL_BYTES, LauncherCalls, assert_compiled_matches_float64,
@@ -18,7 +19,6 @@ from tests.ops.kernel_checks import (MAX_SPILL_BYTES, LauncherCalls, assert_comp
                                      compile_for_hopper, hopper_case, needs_hopper_toolchain)
 from tests.ops.kernel_cases import LAYOUTS, LOW_PRECISION, SHAPES, assert_close, device_for, grad_dtype, make, pixels
 
-invconv_ops = importlib.import_module("flowkern.ops.invconv")
 FACTOR = 3.0
 
 

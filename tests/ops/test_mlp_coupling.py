@@ -10,7 +10,7 @@ import torch
 import flowkern
 from flowkern import ops
 from flowkern.nn import AdditiveCoupling, AffineCoupling, Glow, MLPSubnet
-from flowkern.ops.mlp_coupling import MAX_FUSED_HIDDEN, mlp_coupling_inverse_ref, mlp_coupling_ref
+from flowkern.ops.mlp_coupling_ops import MAX_FUSED_HIDDEN, mlp_coupling_inverse_ref, mlp_coupling_ref
 from tests.conftest import KERNEL_BACKENDS
 from tests.ops.kernel_cases import LAYOUTS, LOW_PRECISION, assert_close, device_for, grad_dtype, make
 from tests.helpers import randomize_

@@ -6,7 +6,7 @@ import torch
 
 import flowkern
 from flowkern import ops
-from flowkern.ops.prior import gaussian_log_prob_ref
+from flowkern.ops.prior_ops import gaussian_log_prob_ref
 from tests.conftest import KERNEL_BACKENDS
 from tests.ops.kernel_checks import assert_compiled_matches_float64
 from tests.ops.kernel_cases import (GPU_DTYPES, GPU_ODD_SHAPES, LAYOUTS, LOW_PRECISION, SHAPES, assert_close,

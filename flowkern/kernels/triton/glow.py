@@ -3,7 +3,7 @@
 A program owns BLOCK_B rows and takes them through every step of every level. Its rows live in a per-program
 slice of an fp32 workspace ([2, B, C]; the slice is written and re-read by the same program, so it stays in
 L1/L2) in *physical* channel order: channel p of the workspace never moves. Fixed permutations and the splits
-between levels move no data; they are compiled by the host (flowkern.ops.glow.GlowPlan) into two index tables
+between levels move no data; they are compiled by the host (flowkern.ops.glow_ops.GlowPlan) into two index tables
 per step, read by the kernels to gather the right parameters:
     an_idx[s, p]  ActNorm channel of physical channel p at step s (-1: factored out at an earlier level)
     cp_idx[s, p]  coupling channel of p at step s, after the mixing permutation (-1 likewise); channels below
@@ -42,7 +42,7 @@ from ..._checks import compute_dtype
 from ._layout import compute_type, target_programs  # importing _layout also fixes interpreter loop bounds
 from .invconv import dot_precision
 
-# The per-step meta table (int64 [steps, 16], flowkern.ops.glow.GlowPlan; _meta(meta_ptr, s, column) reads it):
+# The per-step meta table (int64 [steps, 16], flowkern.ops.glow_ops.GlowPlan; _meta(meta_ptr, s, column) reads it):
 # offsets into the packed parameters of 0 ActNorm bias, 1 ActNorm logs, 2 W1, 3 b1, 4 logs1, 5 W2, 6 b2, 7 logs2,
 # 8 W3, 9 b3, 10 logs3; offsets into the LU buffer of 11 W, 12 bias; 13 the coupling's conditioning channels C1,
 # 14 the level's channels CL.

@@ -9,7 +9,7 @@ to ~1e-6; split TF32 ("tf32x3", three tensor-core passes, ~fp32 accuracy) when t
 would not do there: the fp32 parameters, the folded ActNorm output and the fp32 log-det and parameter gradients
 would all carry TF32's 2^-11 rounding. (Triton's interpreter ignores input_precision, so CPU tests cannot see this.)
 
-The inverse has no kernel of its own: flowkern.ops.invconv builds W^-1 from triangular solves on the LU factors in
+The inverse has no kernel of its own: flowkern.ops.invconv_ops builds W^-1 from triangular solves on the LU factors in
 float64 (never an inverse in low precision; cached in eval mode by InvConv1x1) and runs `invconv_fwd` with it.
 W^-1 costs O(C^3) once per weight update, after which the inverse is the forward's fully parallel GEMM; blocked
 triangular solves on the activations would do the same N*C^2 work on every call, but as C / BLOCK dependent steps.

@@ -11,7 +11,7 @@ import torch
 
 from .. import backend
 from .._checks import compute_dtype
-from .actnorm import actnorm_ref
+from .actnorm_ops import actnorm_ref
 
 
 def _factors(lower, upper, sign_s, log_s):

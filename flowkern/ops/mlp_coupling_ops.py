@@ -3,7 +3,7 @@
 MLP (flowkern.nn.subnets.MLPSubnet; f = logscale_factor):
     h1 = relu(actnorm(x1 @ w1^T; b1, l1)),  h2 = relu(actnorm(h1 @ w2^T; b2, l2)),
     h  = (h2 @ w3^T + b3) * exp(f * l3)                                           (ZeroLinear)
-then the additive or affine epilogue of flowkern.ops.coupling. Kernel backends run the whole thing in one kernel
+then the additive or affine epilogue of flowkern.ops.coupling_ops. Kernel backends run the whole thing in one kernel
 forward and one backward, keeping the hidden activations on chip (flowkern/kernels/triton/mlp_coupling.py).
 The references are the composition of the existing reference pieces, computing the subnet in the parameters'
 dtype as MLPSubnet does.
@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from .. import backend
 from .._checks import compute_dtype
-from .actnorm import actnorm_ref
-from .coupling import coupling_inverse_ref, coupling_ref
+from .actnorm_ops import actnorm_ref
+from .coupling_ops import coupling_inverse_ref, coupling_ref
 
 # Kernels keep a [rows, hidden] tile of each hidden layer in registers; wider subnets use the unfused path.
 MAX_FUSED_HIDDEN = 64

@@ -18,9 +18,9 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from .. import backend
 from .._checks import compute_dtype
-from .coupling import coupling_inverse_ref, coupling_ref
-from .mlp_coupling import MAX_FUSED_HIDDEN, mlp_subnet_ref
-from .prior import gaussian_log_prob_ref, half
+from .coupling_ops import coupling_inverse_ref, coupling_ref
+from .mlp_coupling_ops import MAX_FUSED_HIDDEN, mlp_subnet_ref
+from .prior_ops import gaussian_log_prob_ref, half
 
 _KERNEL_BACKENDS = ("triton", "cpp")   # on CUDA tensors the Triton kernel serves the whole Glow
 BACKENDS = ("torch",) + _KERNEL_BACKENDS
