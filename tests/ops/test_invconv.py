@@ -17,7 +17,8 @@ from tests.helpers import randomize_
 from tests.ops.kernel_checks import (MAX_SPILL_BYTES, LauncherCalls, assert_compiled_matches_float64,
                                      assert_training_step_matches_torch,
                                      compile_for_hopper, hopper_case, needs_hopper_toolchain)
-from tests.ops.kernel_cases import LAYOUTS, LOW_PRECISION, SHAPES, assert_close, device_for, grad_dtype, make, pixels
+from tests.ops.kernel_cases import (GPU_ODD_SHAPES, LAYOUTS, LOW_PRECISION, SHAPES, assert_close, device_for,
+                                    grad_dtype, make, pixels)
 
 FACTOR = 3.0
 
@@ -357,6 +358,16 @@ def test_kernels_compile_for_hopper_without_spills(dtype):
 def test_gpu_mixing_real_size(shape, dtype, with_actnorm):
     torch.manual_seed(0)
     _check_mixing("triton", make(shape, dtype, "contiguous", device="cuda"), with_actnorm, "contiguous", "contiguous")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", [b for b in KERNEL_BACKENDS if b != "cpp"])
+@pytest.mark.parametrize("shape", GPU_ODD_SHAPES)
+@pytest.mark.parametrize("layout", ["sliced", "strided"])   # a channel slice; transposed rows / channels_last
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_actnorm", [True, False], ids=["actnorm_invconv", "invconv"])
+def test_gpu_mixing_odd_shapes_and_layouts(impl, shape, layout, dtype, with_actnorm):
+    _check_mixing(impl, make(shape, dtype, layout, device="cuda"), with_actnorm, layout, layout)
 
 
 @pytest.mark.gpu
