@@ -2,14 +2,22 @@
 # GPU check for flowkern on a CUDA machine (no network needed): the gpu-marked tests, then the benchmarks.
 #
 #   bash bench/gpu_check.sh                  # from anywhere; results in bench/results/
+#   bash bench/gpu_check.sh --quick          # iterating: no tests, `flowkern bench --quick` (about a minute)
 #   OUT=/some/dir bash bench/gpu_check.sh    # also copies the results there
 #
-# Writes bench/results/<date>-<gpu>.json and .md (gpu_bench.py) plus <date>-<gpu>-tests.log and -bench.log.
+# Writes bench/results/<date>-<gpu>.json and .md (`python -m flowkern bench`, flowkern/bench.py) plus
+# <date>-<gpu>-tests.log and -bench.log.
 # Runs from the source tree (PYTHONPATH=repo root), so no install is needed. Budget: about 8 minutes on an H100
 # (tests capped at TEST_TIMEOUT_S, the benchmark gets what is left of TOTAL_BUDGET_S and stops starting new cases
 # when it runs out). Exit status: 0 all good; bit 1 = GPU tests failed, timed out or could not run; bit 2 = a
 # benchmark case raised; 4 = no usable CUDA device. Skipped-for-time benchmark cases are not failures.
 set -u -o pipefail
+QUICK=0
+case "${1:-}" in
+    --quick) QUICK=1 ;;
+    "") ;;
+    *) echo "usage: bash bench/gpu_check.sh [--quick]" >&2; exit 2 ;;
+esac
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO=$PWD
@@ -57,7 +65,9 @@ if [ "${FLOWKERN_BUILD_EXTENSION:-1}" != "0" ] && ! "$PYTHON" -c "import flowker
 fi
 
 echo "== GPU tests (python -m pytest tests -m gpu), at most ${TEST_TIMEOUT_S}s =="
-if "$PYTHON" -c "import pytest" 2>/dev/null; then
+if [ "$QUICK" = 1 ]; then
+    echo "gpu_check --quick: GPU tests NOT run" | tee "$stem-tests.log"
+elif "$PYTHON" -c "import pytest" 2>/dev/null; then
     timeout "$TEST_TIMEOUT_S" "$PYTHON" -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tee "$stem-tests.log"
     tests_rc=${PIPESTATUS[0]}
     if [ "$tests_rc" -eq 124 ]; then
@@ -72,7 +82,8 @@ fi
 elapsed=$(( $(date +%s) - started ))
 bench_budget=$(( TOTAL_BUDGET_S - elapsed - 60 ))
 [ "$bench_budget" -ge 60 ] || bench_budget=60
-echo "== benchmarks (bench/gpu_bench.py), starting new cases for ${bench_budget}s =="
+[ "$QUICK" = 1 ] && bench_budget=60
+echo "== benchmarks (python -m flowkern bench), starting new cases for ${bench_budget}s =="
 # The hard limit leaves room for the case running when the budget ends; the report is rewritten after every case.
 # The fit and embedding rows need the STS data: $FLOWKERN_DATA, else ../shared/data/sts or ./sts-data (a copy
 # carried to a machine without ../shared); without it those rows are left out.
@@ -80,14 +91,16 @@ data_args=()
 for candidate in "${FLOWKERN_DATA:-}" "$REPO/../shared/data/sts" "$REPO/sts-data"; do
     if [ -n "$candidate" ] && [ -f "$candidate/stsb-test.tsv.gz" ]; then data_args=(--data-dir "$candidate"); break; fi
 done
-timeout $(( bench_budget + 90 )) "$PYTHON" "$REPO/bench/gpu_bench.py" --budget-s "$bench_budget" \
+quick_args=()
+[ "$QUICK" = 1 ] && quick_args=(--quick)
+timeout $(( bench_budget + 90 )) "$PYTHON" -m flowkern bench "${quick_args[@]}" --budget-s "$bench_budget" \
     --out-dir "$RESULTS" "${data_args[@]}" 2>&1 | tee "$stem-bench.log"
 bench_rc=${PIPESTATUS[0]}
 case "$bench_rc" in
     0) ;;
     1) status=$((status | 2)) ;;
     124) echo "gpu_check: benchmark cut off by the hard time limit; its partial report is kept" ;;
-    *) echo "gpu_check: gpu_bench.py crashed (exit $bench_rc)"; status=$((status | 2)) ;;
+    *) echo "gpu_check: flowkern bench crashed (exit $bench_rc)"; status=$((status | 2)) ;;
 esac
 
 if [ -n "${OUT:-}" ]; then

@@ -161,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_encoder_args(evaluate)
     _add_data_args(evaluate)
 
+    # `flowkern bench ARGS` goes straight to flowkern.bench (its own parser, shared with bench/gpu_check.sh);
+    # listed here for --help.
+    commands.add_parser("bench", help="time every backend on this device (flowkern bench --help for options)",
+                        add_help=False)
     demo = commands.add_parser(
         "demo", help="baseline vs whitening vs flow on the STS tasks, fast vs eager fit time, anisotropy plot",
         description="On each task: pooled baseline, whitening and BERT-flow (both fitted on the task's sentences); "
@@ -477,6 +481,11 @@ COMMANDS = {"fit": run_fit, "encode": run_encode, "embed": run_embed, "eval": ru
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "bench" in argv and all(arg.startswith("-") for arg in argv[:argv.index("bench")]):
+        from . import bench
+
+        return bench.main(argv[argv.index("bench") + 1:])
     args = build_parser().parse_args(argv)
     progress = not args.no_progress and sys.stderr.isatty()
     from transformers.utils import logging as hf_logging

@@ -46,8 +46,20 @@ def fitted_model(tiny_bert, sentences_file, tmp_path_factory) -> Path:
 
 def test_help_lists_the_commands():
     out = flowkern("--help").stdout
-    assert all(command in out for command in ("fit", "encode", "eval", "demo"))
+    assert all(command in out for command in ("fit", "encode", "eval", "demo", "bench"))
     assert "not valid UTF-8" in " ".join(flowkern("fit", "--help").stdout.split())
+    assert "--quick" in flowkern("bench", "--help").stdout
+
+
+def test_bench_writes_the_report(tmp_path):
+    # --smoke: tiny sizes on CPU (checks the harness; timings mean nothing); --quick has the same code path.
+    report_path = tmp_path / "run" / "bench.json"
+    result = flowkern("bench", "--smoke", "--no-compile", "--only", "^actnorm$", "--json", report_path)
+    report = json.loads(report_path.read_text())
+    assert report["meta"]["device"] and report["meta"]["torch"] and report["copy_bandwidth_gbs"] > 0
+    variants = {row["variant"] for row in report["results"]}
+    assert {"torch"} <= variants and all(row["status"] == "ok" for row in report["results"]), report["results"]
+    assert report_path.with_suffix(".md").is_file() and "copy bandwidth" in result.stdout
 
 
 def test_fit_then_encode(fitted_model, sentences_file, tmp_path):

@@ -1,7 +1,12 @@
-"""Side-by-side benchmark of every flowkern backend on one device; writes a JSON file and a Markdown table.
+"""Side-by-side benchmark of every flowkern backend on one device (`flowkern bench`); writes a JSON file and a
+Markdown table and prints the rows with the device, versions and measured copy bandwidth.
 
-    PYTHONPATH=. python bench/gpu_bench.py                  # CUDA: full run, results in bench/results/
-    PYTHONPATH=. python bench/gpu_bench.py --smoke          # CPU: tiny sizes, checks the harness itself
+    flowkern bench                      # every case (CUDA when available, else CPU), results in ./flowkern-bench/
+    flowkern bench --quick              # the headline cases in about a minute
+    flowkern bench --json out/run.json  # the JSON there, the Markdown beside it
+    flowkern bench --smoke              # tiny sizes on CPU: checks the harness itself
+
+bench/gpu_check.sh runs this module on the GPU machine after the GPU tests.
 
 Variants per case: each backend usable on the device ("torch" eager, "triton", "cuda" when flowkern._C is built), plus
 "torch.compile" (the torch backend compiled with inductor). Times are medians of triton.testing.do_bench on CUDA
@@ -33,7 +38,7 @@ import torch
 import flowkern
 from flowkern import TrainStep, backend, nn, ops
 
-REPO = Path(__file__).resolve().parent.parent
+SOURCE_TREE = Path(__file__).resolve().parent.parent   # a git checkout for editable installs (commit in the report)
 COMPILED = "torch.compile"
 TARGET_SHARE_OF_COPY = 0.80   # the issue's bandwidth target for ActNorm and the coupling epilogue
 
@@ -479,7 +484,7 @@ def environment(device: torch.device) -> dict:
     except ImportError:
         triton_version = None
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=SOURCE_TREE, capture_output=True, text=True,
                                 timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
@@ -593,6 +598,11 @@ def write_report(report: dict, stem: Path) -> tuple[Path, Path]:
 # ------------------------------------------------------------------------------------------------------ main
 def plan(args, device: torch.device, compiler: Compiler) -> list[Case]:
     """All cases, most important first (the time budget cuts from the end)."""
+    if args.quick:   # the whole Glow at both ends of the batch range, host overhead, the headline op shape
+        return (glow_cases([64, 65536], [torch.float32], device, compiler,
+                           variants=tuple(v for v in GLOW_VARIANTS if v not in (COMPILED, COMPILED_RO)))
+                + dispatch_cases(device)
+                + op_cases([(65536, 768)], [torch.float32, torch.bfloat16], device, compiler))
     if args.smoke:
         return (op_cases([(16, 12), (2, 3, 4, 4)], [torch.float32, torch.bfloat16], device, compiler)
                 + dispatch_cases(device)
@@ -625,12 +635,17 @@ def plan(args, device: torch.device, compiler: Compiler) -> list[Case]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="flowkern bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="the headline cases only (whole Glow at B=64 and 65536, host overhead, ops at 65536x768)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU: checks the harness, not speed")
     parser.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     parser.add_argument("--out-dir", type=Path, default=None,
-                        help="where the JSON and Markdown go (default bench/results, a temp dir with --smoke)")
-    parser.add_argument("--budget-s", type=float, default=300.0, help="stop starting new cases after this long")
+                        help="where <date>-<device>.json and .md go (default ./flowkern-bench, a temp dir with --smoke)")
+    parser.add_argument("--json", type=Path, default=None, help="write the JSON here (the Markdown beside it)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="stop starting new cases after this long (default 300, 60 with --quick)")
     parser.add_argument("--only", default=None, help="regex: run only cases whose name matches")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile variant")
     parser.add_argument("--compile-backend", default=None, help="torch.compile backend (inductor; eager in --smoke)")
@@ -639,6 +654,10 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup-ms", type=int, default=10)
     parser.add_argument("--rep-ms", type=int, default=40)
     args = parser.parse_args(argv)
+    if args.quick and args.smoke:
+        parser.error("--quick and --smoke do not combine")
+    if args.budget_s is None:
+        args.budget_s = 60.0 if args.quick else 300.0
     if args.data_dir is None and os.environ.get("FLOWKERN_DATA") and Path(os.environ["FLOWKERN_DATA"]).is_dir():
         args.data_dir = Path(os.environ["FLOWKERN_DATA"])
     if args.smoke:
@@ -648,7 +667,7 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
     out_dir = args.out_dir or (Path(tempfile.mkdtemp(prefix="flowkern-bench-")) if args.smoke
-                               else REPO / "bench" / "results")
+                               else Path("flowkern-bench"))
     flowkern.set_finite_checks(False)   # the NaN scan syncs the host; keep it out of the timings
     compile_backend = args.compile_backend or ("eager" if args.smoke else "inductor")
     compiler = Compiler(compile_backend)
@@ -658,13 +677,15 @@ def main(argv=None) -> int:
     started = time.monotonic()
     meta = environment(device)
     copy_mebibytes = 16 if args.smoke else 1024
-    meta.update(variants=variants, smoke=args.smoke, copy_mebibytes=copy_mebibytes, budget_s=args.budget_s,
+    meta.update(variants=variants, smoke=args.smoke, quick=args.quick, copy_mebibytes=copy_mebibytes,
+                budget_s=args.budget_s,
                 finite_checks=False,
                 timing=(f"triton.testing.do_bench median, warmup {args.warmup_ms} ms, rep {args.rep_ms} ms"
                         if device.type == "cuda" else f"wall-clock median of {timer.cpu_reps} calls"),
                 compile=f"torch.compile(backend={compile_backend!r}, dynamic=True) of the torch backend")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"{datetime.datetime.now().strftime('%Y-%m-%d-%H%M')}-{_slug(meta['device'])}"
+    stem = (args.json.with_suffix("") if args.json else
+            out_dir / f"{datetime.datetime.now().strftime('%Y-%m-%d-%H%M')}-{_slug(meta['device'])}")
+    stem.parent.mkdir(parents=True, exist_ok=True)
     copy_gbs = copy_bandwidth_gbs(device, timer, copy_mebibytes)
     print(f"{meta['device']}: copy bandwidth {copy_gbs:.0f} GB/s; variants {variants}", flush=True)
 
