@@ -1,23 +1,25 @@
 """The offline embedding job: input streamed in, sharded and resumable output, one worker per device.
 
-Layout of an output directory:
-    manifest.json          what the job is (model, inputs, options): written first, completed at the end
-    shard-00000.npy        embeddings [rows, D] (float32 or float16)      (--format npy)
-    shard-00000.ids.npy    the rows' ids, a unicode array (no pickle)
-    shard-00000.parquet    columns id, embedding                           (--format parquet)
-    shard-00000.done.json  written last, atomically: the shard is complete (rows, files)
 Shard k holds input rows [k * shard_rows, (k + 1) * shard_rows) in input order, so a resumed run (after a crash or
-kill -9) skips the shards marked done and produces exactly the rows of an uninterrupted one. Every file is
-written to a temporary name and renamed into place.
+kill -9) redoes only the shards without a valid done marker and gives exactly the bytes of an uninterrupted one.
+What keeps a job from losing or mixing rows:
+- the parent holds an exclusive lock on the output directory for the job's lifetime (store.OutputLock);
+- worker processes die with the parent, and the parent fails at once, naming the cause, when one dies
+  (workers.py);
+- the manifest records the job's identity (identity.py: flow and encoder files, inputs, options, devices); an
+  output directory of another job is refused, naming what differs;
+- the parent reads the input once before embedding: its rows, duplicate ids, a digest of each shard's rows.
+  --resume keeps a done shard only if its marker is this job's, its rows' digest matches the input as it is now
+  and its files match their recorded sizes and sha256; it redoes damaged shards and refuses a changed input.
 """
 from __future__ import annotations
 
 import hashlib
 import itertools
-import json
-import multiprocessing
 import os
+import re
 import time
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -27,127 +29,35 @@ import torch
 
 from flowkern._checks import finite_checks
 from flowkern.embed.feeder import Prefetcher, default_batch_tokens, token_batches
+from flowkern.embed.identity import FileDigests, compute_identity, encoder_identity, json_sha256, rows_sha256
 from flowkern.embed.reader import input_files, iter_rows
+from flowkern.embed.store import (FORMAT, FORMAT_VERSION, MANIFEST, OUTPUT_FORMATS, OutputLock, damaged_file,
+                                  marker_path, read_json, read_manifest, read_output, remove_shard,
+                                  remove_stale_temporaries, write_json, write_shard)
+from flowkern.embed.workers import exit_if_orphaned, run_workers
 
-MANIFEST = "manifest.json"
-FORMAT = "flowkern.embed"
-FORMAT_VERSION = 1
-OUTPUT_FORMATS = ("npy", "parquet")
+__all__ = ["DEFAULT_SHARD_ROWS", "EmbedReport", "Embedder", "embed", "read_output"]
+
 OUTPUT_DTYPES = ("float32", "float16")
 DEFAULT_SHARD_ROWS = 100_000
+_MARKER_NAME = re.compile(r"shard-(\d+)\.done\.json")
 
 
 @dataclass
 class EmbedReport:
-    """What one run did: rows and shards written (skipped: already done before a --resume), seconds, rows/s."""
+    """What one run did: rows and shards written, shards already done and kept (--resume), shards found damaged
+    or not this job's and redone, seconds, rows/s."""
     out_dir: Path
     rows: int
     shards: int
     shards_skipped: int
+    shards_redone: int
     seconds: float
     dim: int
 
     @property
     def rows_per_second(self) -> float:
         return self.rows / self.seconds if self.seconds > 0 else float("nan")
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8"))
-
-
-def _file_identity(path: Path) -> dict:
-    stat = path.stat()
-    return {"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-
-def _model_identity(model_dir: Path) -> dict:
-    digest = hashlib.sha256()
-    for name in ("config.json", "flow.safetensors"):
-        path = model_dir / name
-        if path.is_file():
-            digest.update(name.encode() + b"\0" + path.read_bytes())
-    return {"path": str(model_dir.resolve()), "sha256": digest.hexdigest()}
-
-
-def _shard_stem(index: int) -> str:
-    return f"shard-{index:05d}"
-
-
-def _done_marker(out_dir: Path, index: int) -> Path:
-    return out_dir / f"{_shard_stem(index)}.done.json"
-
-
-def _check_model_dir(model_dir: Path) -> None:
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"{model_dir}: no such model directory (a BertFlow saved with `flowkern fit`)")
-    if not (model_dir / "config.json").is_file():
-        raise ValueError(f"{model_dir}: not a saved BertFlow model (config.json is missing)")
-
-
-def _prepare_out_dir(out_dir: Path, job: dict, resume: bool, overwrite: bool) -> None:
-    manifest_path = out_dir / MANIFEST
-    if manifest_path.is_file():
-        try:
-            existing = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            existing = {"unreadable": str(error)}
-        same = existing.get("job") == job
-        if overwrite:
-            for path in out_dir.glob("shard-*"):
-                path.unlink()
-            manifest_path.unlink()
-        elif not same:
-            raise ValueError(f"{out_dir} holds the output of another job (other model, input or options, see its "
-                             f"{MANIFEST}); pass --overwrite to replace it or choose another --out")
-        elif not resume:
-            raise ValueError(f"{out_dir} already holds this job's output; pass --resume to finish it or "
-                             f"--overwrite to start over")
-    elif resume and any(out_dir.glob("shard-*")):
-        raise ValueError(f"{out_dir} has shard files but no {MANIFEST}; pass --overwrite to start over")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(".*.tmp-*"):  # half-written files of a killed run
-        stale.unlink()
-    if not manifest_path.is_file():
-        _write_json(manifest_path, {"format": FORMAT, "format_version": FORMAT_VERSION, "job": job,
-                                    "complete": False})
-
-
-def _shards(rows: Iterator[tuple[str, str]], shard_rows: int) -> Iterator[tuple[int, list[str], list[str]]]:
-    for index in itertools.count():
-        chunk = list(itertools.islice(rows, shard_rows))
-        if not chunk:
-            return
-        ids, texts = zip(*chunk)
-        yield index, list(ids), list(texts)
-
-
-def _write_shard(out_dir: Path, index: int, ids: list[str], embeddings: np.ndarray, fmt: str) -> None:
-    stem = _shard_stem(index)
-    if fmt == "npy":
-        files = [f"{stem}.npy", f"{stem}.ids.npy"]
-        _atomic_write(out_dir / files[0], lambda tmp: _save_npy(tmp, embeddings))
-        _atomic_write(out_dir / files[1], lambda tmp: _save_npy(tmp, np.array(ids, dtype=str)))
-    else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-        files = [f"{stem}.parquet"]
-        values = pa.array(embeddings.reshape(-1))
-        table = pa.table({"id": pa.array(ids, pa.string()),
-                          "embedding": pa.FixedSizeListArray.from_arrays(values, embeddings.shape[1])})
-        _atomic_write(out_dir / files[0], lambda tmp: pq.write_table(table, tmp))
-    _write_json(_done_marker(out_dir, index), {"index": index, "rows": len(ids), "files": files})
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as handle:
-        np.save(handle, array, allow_pickle=False)
 
 
 class Embedder:
@@ -158,7 +68,7 @@ class Embedder:
     def __init__(self, model, pooled: bool = False, batch_tokens: int | None = None, dtype: str = "float32"):
         self.model, self.encoder = model, model.encoder
         self.pooled, self.out_dtype = pooled, np.dtype(dtype)
-        self.batch_tokens = batch_tokens or default_batch_tokens(self.encoder.device)
+        self.batch_tokens = default_batch_tokens(self.encoder.device) if batch_tokens is None else batch_tokens
 
     @property
     def dim(self) -> int:
@@ -185,60 +95,258 @@ class Embedder:
             result[positions] = vectors.float().numpy().astype(self.out_dtype, copy=False)
         return result
 
-    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+    def __call__(self, texts: str | Sequence[str]) -> np.ndarray:
+        """[N, D] embeddings of N texts; a single str is one sentence and gives a [D] vector."""
+        if isinstance(texts, str):
+            return self([texts])[0]
         texts = list(texts)
         return self.embed_batches(self.tokenize(texts), len(texts))
 
 
-def _run_worker(inputs: list[str], model_dir: str, out_dir: str, options: dict, worker: int, workers: int,
-                device: str | None, progress: bool) -> tuple[int, int, int]:
-    """Embeds the shards k with k % workers == worker that are not done yet; returns (rows, shards, skipped)."""
+@dataclass(frozen=True)
+class InputPlan:
+    """The input as read once by the parent: rows per shard and a digest of each shard's rows."""
+    shard_rows: list[int]
+    shard_sha256: list[str]
+
+    @property
+    def rows(self) -> int:
+        return sum(self.shard_rows)
+
+
+@dataclass(frozen=True)
+class WorkerTask:
+    """One worker's share: shards k with k % workers == worker that are not in `skip`."""
+    files: list[tuple[Path, str]]
+    model_dir: str
+    out_dir: str
+    options: dict
+    job_sha256: str
+    skip: frozenset[int]
+    worker: int
+    workers: int
+    device: str | None
+    threads: int | None
+    parent_pid: int | None  # None: runs in the job's own process
+    progress_total: int | None  # None: no progress bar
+
+
+def _rows(files, options: dict) -> Iterator[tuple[str, str]]:
+    return iter_rows(files, options["field"], options["column"], options["id_column"])
+
+
+def _shards(rows: Iterator[tuple[str, str]], shard_rows: int) -> Iterator[tuple[int, list[str], list[str]]]:
+    for index in itertools.count():
+        chunk = list(itertools.islice(rows, shard_rows))
+        if not chunk:
+            return
+        ids, texts = zip(*chunk)
+        yield index, list(ids), list(texts)
+
+
+def _run_worker(task: WorkerTask) -> tuple[int, int]:
+    """Embeds the task's shards; returns (rows, shards) written."""
     from flowkern.models import BertFlow
 
-    out = Path(out_dir)
-    embedder = Embedder(BertFlow.load(model_dir, device=device), options["pooled"], options["batch_tokens"],
-                        options["dtype"])
-    files = input_files(inputs)
-    rows_iter = iter_rows(files, options["field"], options["column"], options["id_column"])
-
-    skipped = 0
+    if task.threads:
+        torch.set_num_threads(task.threads)
+    options, out = task.options, Path(task.out_dir)
+    embedder = Embedder(BertFlow.load(task.model_dir, device=task.device), options["pooled"],
+                        options["batch_tokens"], options["dtype"])
 
     def todo():
-        nonlocal skipped
-        for index, ids, texts in _shards(rows_iter, options["shard_rows"]):
-            if index % workers != worker:
-                continue
-            if _done_marker(out, index).is_file():
-                skipped += 1
-                continue
-            yield index, ids, texts, embedder.tokenize(texts)
+        for index, ids, texts in _shards(_rows(task.files, options), options["shard_rows"]):
+            if index % task.workers == task.worker and index not in task.skip:
+                yield index, ids, rows_sha256(ids, texts), embedder.tokenize(texts)
 
     rows = shards = 0
-    total = sum(1 for _ in iter_rows(files, options["field"], options["column"], options["id_column"])) \
-        if progress else None
-    bar = _progress(progress, None if total is None else total // workers)
+    bar = _progress(task.progress_total)
     prefetch = Prefetcher(todo(), depth=2)  # tokenizes the next shard while this one runs
     try:
-        for index, ids, texts, batches in prefetch:
-            _write_shard(out, index, ids, embedder.embed_batches(batches, len(texts)), options["format"])
+        for index, ids, input_sha256, batches in prefetch:
+            embeddings = embedder.embed_batches(batches, len(ids))
+            if task.parent_pid is not None:
+                exit_if_orphaned(task.parent_pid)
+            write_shard(out, index, ids, embeddings, options["format"], task.job_sha256, input_sha256)
             rows += len(ids)
             shards += 1
             bar.update(len(ids))
     finally:
         prefetch.close()
         bar.close()
-    return rows, shards, skipped
+    return rows, shards
 
 
-def _progress(enabled: bool, total: int | None):
-    """sentences/s and, with a total, the ETA (a worker's share when there are several)."""
+def _progress(total: int | None):
+    """sentences/s and the ETA (of this worker's share when there are several)."""
     from tqdm.auto import tqdm
-    return tqdm(desc="embedding", unit="sentence", total=total, disable=not enabled, smoothing=0.1)
+    return tqdm(desc="embedding", unit="sentence", total=total, disable=total is None, smoothing=0.1)
 
 
-def _worker_entry(args) -> tuple[int, int, int]:
-    torch.set_num_threads(args[-1])
-    return _run_worker(*args[:-1])
+def _id_hash(row_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(row_id.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
+
+def plan_input(files, options: dict) -> InputPlan:
+    """Read the input once: rows and digest per shard; refuses an empty input and repeated --id-column values
+    (8 bytes of memory per row for that check)."""
+    sizes, digests = [], []
+    id_hashes = array("Q") if options["id_column"] is not None else None
+    for _, ids, texts in _shards(_rows(files, options), options["shard_rows"]):
+        sizes.append(len(ids))
+        digests.append(rows_sha256(ids, texts))
+        if id_hashes is not None:
+            id_hashes.extend(map(_id_hash, ids))
+    if not sizes:
+        raise ValueError(f"empty input: no rows in {', '.join(str(p) for p, _ in files)}")
+    if id_hashes is not None:
+        _check_unique_ids(files, options, id_hashes)
+    return InputPlan(sizes, digests)
+
+
+def _check_unique_ids(files, options: dict, id_hashes: array) -> None:
+    hashes = np.sort(np.frombuffer(id_hashes, dtype=np.uint64))
+    repeated = set(hashes[1:][hashes[1:] == hashes[:-1]].tolist())
+    if not repeated:
+        return
+    seen = set()
+    for row_id, _ in _rows(files, options):  # only an id whose 64-bit hash repeats can repeat
+        if _id_hash(row_id) in repeated:
+            if row_id in seen:
+                raise ValueError(f"duplicate id {row_id!r} in --id-column {options['id_column']!r}: every row "
+                                 f"needs its own id")
+            seen.add(row_id)
+
+
+def _parse_devices(devices: Sequence[str] | None) -> list[torch.device] | None:
+    if not devices:
+        return None
+    parsed = []
+    for spec in devices:
+        try:
+            device = torch.device(spec)
+        except RuntimeError:
+            raise ValueError(f"unknown device {spec!r} (use cpu, cuda or cuda:N)") from None
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+                raise ValueError(f"device {spec!r}: CUDA is not available on this machine ({why}); use --devices "
+                                 f"cpu")
+            if (device.index or 0) >= torch.cuda.device_count():
+                raise ValueError(f"device {spec!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        elif device.type != "cpu":
+            raise ValueError(f"device {spec!r}: only cpu and cuda devices are supported")
+        parsed.append(device)
+    return parsed
+
+
+def _differences(old: dict, new: dict) -> str:
+    """What differs between two job identities, in words."""
+    if not isinstance(old, dict):
+        return "unrecorded job"
+    found = []
+    if old.get("model") != new["model"]:
+        found.append("flow model")
+    old_encoder, new_encoder = old.get("encoder") or {}, new["encoder"]
+    if old_encoder.get("name") != new_encoder["name"]:
+        found.append("encoder")
+    elif old_encoder != new_encoder:
+        changed = sorted(name for name in {**old_encoder.get("files", {}), **new_encoder.get("files", {})}
+                         if old_encoder.get("files", {}).get(name) != new_encoder.get("files", {}).get(name))
+        found.append(f"encoder files ({', '.join(changed)})" if changed else "encoder revision")
+    if old.get("inputs") != new["inputs"]:
+        found.append("input files")
+    old_options = old.get("options") or {}
+    found += [f"{key} {old_options.get(key)!r} (now {value!r})" for key, value in new["options"].items()
+              if old_options.get(key) != value]
+    if old.get("compute") != new["compute"]:
+        found.append(f"devices {old.get('compute')} (now {new['compute']})")
+    return "its " + ", ".join(found) if found else "another identity"
+
+
+def _prepare_out_dir(out: Path, job: dict, job_sha256: str, plan: InputPlan, resume: bool,
+                     overwrite: bool) -> tuple[frozenset[int], int, bool]:
+    """Check the output directory against this job (the lock is held). Returns (shards done and verified,
+    shards that were invalid and are to be redone, whether this run wrote a new manifest)."""
+    manifest_path = out / MANIFEST
+    existing = None
+    if manifest_path.exists():
+        try:
+            existing = read_manifest(out)
+        except ValueError as error:
+            if not overwrite:
+                raise ValueError(f"{error}; the job that wrote {out} is unknown: pass --overwrite to replace its "
+                                 f"output or choose another --out") from None
+    if overwrite:
+        for path in out.glob("shard-*"):
+            path.unlink()
+        manifest_path.unlink(missing_ok=True)
+        existing = None
+    elif existing is None and any(out.glob("shard-*")):
+        raise ValueError(f"{out} holds shard files but no {MANIFEST} (left by an unknown job); pass --overwrite to "
+                         f"replace them or choose another --out")
+    elif existing is not None and existing.get("job") != job:
+        raise ValueError(f"{out} holds the output of another job ({_differences(existing.get('job'), job)}; see "
+                         f"its {MANIFEST}); pass --overwrite to replace it or choose another --out")
+    elif existing is not None and not resume:
+        state = "finished" if existing.get("complete") else "unfinished"
+        raise ValueError(f"{out} already holds this job's {state} output; pass --resume to finish (or check) it "
+                         f"or --overwrite to start over")
+    remove_stale_temporaries(out)
+    if existing is None:
+        write_json(manifest_path, {"format": FORMAT, "format_version": FORMAT_VERSION, "job": job,
+                                   "job_sha256": job_sha256, "complete": False})
+        return frozenset(), 0, True
+    kept, redone = _check_done_shards(out, job_sha256, plan)
+    if existing.get("complete") and len(kept) < len(plan.shard_rows):
+        write_json(manifest_path, {key: existing[key] for key in ("format", "format_version", "job", "job_sha256")}
+                   | {"complete": False})
+    return kept, redone, False
+
+
+def _check_done_shards(out: Path, job_sha256: str, plan: InputPlan) -> tuple[frozenset[int], int]:
+    """--resume: the done shards to keep; a shard that is not this job's or whose files fail their marker is
+    removed, to be redone; a shard whose input rows changed stops the job."""
+    kept, redone = set(), 0
+    for path in sorted(out.glob("shard-*.done.json")):
+        match = _MARKER_NAME.fullmatch(path.name)
+        if match is None:
+            continue
+        index = int(match.group(1))
+        try:
+            marker = read_json(path)
+        except ValueError:
+            marker = None
+        if marker is None or marker.get("job") != job_sha256 or marker.get("index") != index:
+            remove_shard(out, index)
+            redone += 1
+            continue
+        if index >= len(plan.shard_rows) or marker["input_sha256"] != plan.shard_sha256[index]:
+            raise ValueError(f"the input changed since this job started: shard {index} was made from rows "
+                             f"{marker['first_id']} to {marker['last_id']}, which now read differently (the input "
+                             f"has {plan.rows} rows); pass --overwrite to start over")
+        if damaged_file(out, marker) is not None:
+            remove_shard(out, index)
+            redone += 1
+            continue
+        kept.add(index)
+    return frozenset(kept), redone
+
+
+def _complete_manifest(out: Path, job: dict, job_sha256: str, plan: InputPlan) -> int:
+    """Every shard's marker into the manifest, checked against the input as read at the start; returns dim."""
+    markers = []
+    for index, input_sha256 in enumerate(plan.shard_sha256):
+        marker = read_json(marker_path(out, index))
+        if marker.get("job") != job_sha256 or marker.get("input_sha256") != input_sha256:
+            raise ValueError(f"the input changed while this job ran: shard {index} (rows {marker.get('first_id')} "
+                             f"to {marker.get('last_id')}) differs from what was read at the start; pass "
+                             f"--overwrite to start over")
+        markers.append(marker)
+    write_json(out / MANIFEST, {"format": FORMAT, "format_version": FORMAT_VERSION, "job": job,
+                                "job_sha256": job_sha256, "complete": True, "rows": plan.rows,
+                                "dim": markers[0]["dim"], "shards": markers})
+    return markers[0]["dim"]
 
 
 def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], model: str | os.PathLike,
@@ -252,87 +360,64 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], model: str | 
 
     devices: one worker process per device (e.g. ["cuda:0", "cuda:1"]); None: this process, on the model's
     default device. Shards go to workers round robin (shard k to worker k % n), one manifest for all."""
+    from flowkern.models.bertflow import read_saved_config
+
     if format not in OUTPUT_FORMATS:
         raise ValueError(f"unknown output format {format!r}; choose one of {OUTPUT_FORMATS}")
     if dtype not in OUTPUT_DTYPES:
         raise ValueError(f"unknown output dtype {dtype!r}; choose one of {OUTPUT_DTYPES}")
     if shard_rows < 1:
         raise ValueError(f"shard_rows must be positive, got {shard_rows}")
+    if resume and overwrite:
+        raise ValueError("--resume keeps the shards done, --overwrite deletes them: pass one of them")
+    worker_devices = _parse_devices(devices)
+    compute_devices = worker_devices or [torch.device("cuda" if torch.cuda.is_available() else "cpu")]
     model_dir = Path(model).expanduser()
-    _check_model_dir(model_dir)
-    files = input_files(inputs)
-    _check_not_empty(files, field, column, id_column)
+    config, weights = read_saved_config(model_dir)
+    if batch_tokens is None:
+        batch_tokens = default_batch_tokens(compute_devices[0])
+    if batch_tokens < config["max_length"]:
+        raise ValueError(f"batch_tokens ({batch_tokens}) must hold at least one sentence of the model's max_length "
+                         f"({config['max_length']} tokens)")
     out = Path(out_dir).expanduser()
+    files = input_files(inputs, exclude=out)
     options = dict(shard_rows=shard_rows, format=format, field=field, column=column, id_column=id_column,
                    pooled=pooled, dtype=dtype, batch_tokens=batch_tokens)
-    identity_options = {k: v for k, v in options.items() if k != "batch_tokens"}
-    job = {"model": _model_identity(model_dir), "inputs": [_file_identity(p) for p, _ in files],
-           "options": identity_options}
-    _prepare_out_dir(out, job, resume, overwrite)
-    specs = [str(s) for s in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
 
-    started = time.perf_counter()
-    if not devices:
-        rows, shards, skipped = _run_worker(specs, str(model_dir), str(out), options, 0, 1, None, progress)
-    else:
-        threads = max(1, (os.cpu_count() or 1) // len(devices))
-        args = [(specs, str(model_dir), str(out), options, w, len(devices), d, progress and w == 0, threads)
-                for w, d in enumerate(devices)]
-        with multiprocessing.get_context("spawn").Pool(len(devices)) as pool:
-            results = pool.map(_worker_entry, args)
-        rows, shards, skipped = (sum(r[i] for r in results) for i in range(3))
-    seconds = time.perf_counter() - started
+    lock = OutputLock(out)
+    wrote_manifest = False
+    try:
+        plan = plan_input(files, options)
+        digests = FileDigests()
+        job = {"model": {"path": str(model_dir.resolve()),
+                         "files": {p.name: digests.sha256(p) for p in (model_dir / "config.json", weights)}},
+               "encoder": encoder_identity(config["encoder"], digests),
+               "inputs": [{"path": str(path.resolve()), "name": name} for path, name in files],
+               "options": options, "compute": compute_identity(compute_devices)}
+        digests.save()
+        job_sha256 = json_sha256(job)
+        skip, redone, wrote_manifest = _prepare_out_dir(out, job, job_sha256, plan, resume, overwrite)
 
-    done = [json.loads(p.read_text(encoding="utf-8")) for p in out.glob("shard-*.done.json")]
-    done.sort(key=lambda d: d["index"])
-    manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
-    dim = _dim_of(out, done, format)
-    manifest.update(complete=True, rows=sum(d["rows"] for d in done), dim=dim, shards=done)
-    _write_json(out / MANIFEST, manifest)
-    return EmbedReport(out, rows, shards, skipped, seconds, dim)
-
-
-def _check_not_empty(files, field, column, id_column) -> None:
-    for _ in iter_rows(files, field, column, id_column):
-        return
-    raise ValueError(f"empty input: no rows in {', '.join(str(p) for p, _ in files)}")
-
-
-def _dim_of(out: Path, done: list[dict], fmt: str) -> int | None:
-    if not done:
-        return None
-    first = out / done[0]["files"][0]
-    if fmt == "npy":
-        return int(np.load(first, mmap_mode="r").shape[1])
-    import pyarrow.parquet as pq
-    return int(pq.read_schema(first).field("embedding").type.list_size)
-
-
-def read_output(out_dir: str | os.PathLike) -> tuple[list[str], np.ndarray]:
-    """(ids, embeddings [rows, D]) of a finished job, in input order."""
-    out = Path(out_dir).expanduser()
-    manifest_path = out / MANIFEST
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{out}: no {MANIFEST}; not the output of `flowkern embed`")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{manifest_path}: not a {FORMAT} manifest")
-    if not manifest.get("complete"):
-        raise ValueError(f"{out}: the job did not finish; run it again with --resume")
-    ids: list[str] = []
-    parts = []
-    for shard in manifest["shards"]:
-        files = [out / name for name in shard["files"]]
-        if files[0].suffix == ".npy":
-            parts.append(np.load(files[0], allow_pickle=False))
-            ids += np.load(files[1], allow_pickle=False).tolist()
+        started = time.perf_counter()
+        workers = len(worker_devices or [None])
+        tasks = [WorkerTask(files, str(model_dir), str(out), options, job_sha256, skip, w, workers,
+                            None if worker_devices is None else str(worker_devices[w]),
+                            None if worker_devices is None else max(1, (os.cpu_count() or 1) // workers),
+                            None if worker_devices is None else os.getpid(),
+                            sum(n for k, n in enumerate(plan.shard_rows) if k % workers == w and k not in skip)
+                            if progress and w == 0 else None)
+                 for w in range(workers)]
+        if worker_devices is None:
+            results = [_run_worker(tasks[0])]
         else:
-            import pyarrow.parquet as pq
-            table = pq.read_table(files[0])
-            ids += table.column("id").to_pylist()
-            embedding = table.column("embedding").combine_chunks()
-            parts.append(embedding.values.to_numpy().reshape(len(embedding), -1))
-    dim = manifest.get("dim") or 0
-    dtype = manifest["job"]["options"]["dtype"]
-    return ids, (np.concatenate(parts) if parts else np.empty((0, dim), dtype=dtype))
-
+            results = run_workers(_run_worker, tasks, [str(d) for d in worker_devices])
+        dim = _complete_manifest(out, job, job_sha256, plan)
+    except BaseException:
+        # A start that failed before its first shard leaves nothing behind that would block the retry.
+        if wrote_manifest and not any(out.glob("shard-*.done.json")):
+            (out / MANIFEST).unlink(missing_ok=True)
+        lock.release(remove=not (out / MANIFEST).exists())
+        raise
+    lock.release()
+    return EmbedReport(out, sum(r for r, _ in results), sum(s for _, s in results), len(skip), redone,
+                       time.perf_counter() - started, dim)

@@ -13,7 +13,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 import flowkern
@@ -100,9 +101,11 @@ class BertFlow:
         original recipe, the encoder re-run on every batch padded to max_length with dropout on, and the
         flow on the eager torch backend.
         """
-        sentences = list(sentences)
-        if not sentences:
-            raise ValueError("cannot fit on an empty corpus: no sentences given")
+        sentences = [sentences] if isinstance(sentences, str) else list(sentences)
+        if len(sentences) < 2:
+            # ActNorm initializes from the first batch's per-channel statistics, which one sentence has not.
+            raise ValueError("cannot fit on an empty corpus: need at least 2 sentences" if not sentences else
+                             "need at least 2 sentences to fit the flow, got 1")
         if epochs < 1 or batch_size < 1:
             raise ValueError(f"epochs and batch_size must be positive, got {epochs} and {batch_size}")
         started = time.perf_counter()
@@ -160,8 +163,10 @@ class BertFlow:
         return FitReport("eager" if reference else "fast", len(sentences), len(set(sentences)), epochs, len(losses),
                          encode_seconds, total - encode_seconds, total, losses)
 
-    def pooled(self, sentences: Sequence[str], batch_size: int = 128, progress: bool = False) -> torch.Tensor:
-        """Pooled encoder embeddings [N, D] (no flow), from the cache where possible."""
+    def pooled(self, sentences: str | Sequence[str], batch_size: int = 128, progress: bool = False) -> torch.Tensor:
+        """Pooled encoder embeddings [N, D] (no flow), from the cache where possible; a str is one sentence ([D])."""
+        if isinstance(sentences, str):
+            return self.encoder.encode([sentences], batch_size, progress)[0]
         return self.encoder.encode(sentences, batch_size, progress)
 
     def transform(self, embeddings: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
@@ -176,9 +181,12 @@ class BertFlow:
                            for chunk in x.split(TRANSFORM_BATCH)]) if len(x) else x.to(self.device, torch.float32)
         return z.cpu().numpy() if as_numpy else z.to(x.device)
 
-    def encode(self, sentences: Sequence[str], batch_size: int = 128, as_tensor: bool = False,
+    def encode(self, sentences: str | Sequence[str], batch_size: int = 128, as_tensor: bool = False,
                progress: bool = False) -> np.ndarray | torch.Tensor:
-        """Sentence embeddings: pooled encoder output through the flow. float32 numpy [N, D], or a tensor."""
+        """Sentence embeddings: pooled encoder output through the flow. float32 numpy [N, D], or a tensor; a str
+        is one sentence and gives a [D] vector (as sentence-transformers does)."""
+        if isinstance(sentences, str):
+            return self.encode([sentences], batch_size, as_tensor, progress)[0]
         embeddings = self.transform(self.pooled(sentences, batch_size, progress))
         return embeddings if as_tensor else embeddings.cpu().numpy()
 
@@ -195,35 +203,72 @@ class BertFlow:
             "flow": self.flow.config,
         }
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        # clone(): safetensors refuses tensors that share storage.
+        # clone(): safetensors refuses tensors that share storage. Written by Python, not by safetensors' own
+        # save_file (mode 0600), so both files get the same permissions.
         weights = {name: t.detach().cpu().contiguous().clone() for name, t in self.flow.state_dict().items()}
-        save_file(weights, directory / WEIGHTS_FILE, metadata={"format": FORMAT})
+        (directory / WEIGHTS_FILE).write_bytes(save(weights, metadata={"format": FORMAT}))
         return directory
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device: str | torch.device | None = None,
              cache_dir: str | os.PathLike | None = None) -> BertFlow:
         """Rebuild a model written by :meth:`save` (the encoder is loaded from its recorded name/path)."""
-        directory = Path(directory)
-        config_path = directory / CONFIG_FILE
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{directory} is not a saved BertFlow model: {CONFIG_FILE} is missing")
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{config_path}: not valid JSON ({error}); the model directory is damaged") from None
-        if not isinstance(config, dict):
-            raise ValueError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
-        if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{config_path}: not a {FORMAT} v{FORMAT_VERSION} config "
-                             f"(format {config.get('format')!r}, version {config.get('format_version')!r})")
-        missing = [key for key in ("encoder", "pooling", "max_length", "flow") if key not in config]
-        if missing:
-            raise ValueError(f"{config_path}: missing keys {missing}")
+        config, weights_path = read_saved_config(Path(directory))
         encoder = SentenceEncoder(config["encoder"], config["pooling"], config["max_length"], device, cache_dir)
         flow = Glow.from_config(config["flow"], channels=encoder.dim)
-        flow.load_state_dict(load_file(directory / WEIGHTS_FILE))
+        try:
+            weights = load_file(weights_path)
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{weights_path}: damaged, not readable as safetensors ({error}); save the model "
+                             f"again") from None
+        mismatch = _state_mismatch(flow.state_dict(), weights)
+        if mismatch:
+            raise ValueError(f"{weights_path} does not match {Path(directory) / CONFIG_FILE} (a flow of "
+                             f"{flow.config} on a {encoder.dim}-dim encoder): {mismatch}")
+        flow.load_state_dict(weights)
         return cls(encoder, flow=flow)
+
+
+def read_saved_config(directory: Path) -> tuple[dict, Path]:
+    """(config, path of the flow weights) of a saved model directory, checked; one-line errors naming the file."""
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such model directory (a BertFlow saved with `flowkern fit`)")
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{directory} is not a saved BertFlow model: {CONFIG_FILE} is missing")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_path}: not valid JSON ({error}); the model directory is damaged") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{config_path}: not a {FORMAT} v{FORMAT_VERSION} config "
+                         f"(format {config.get('format')!r}, version {config.get('format_version')!r})")
+    missing = [key for key in ("encoder", "pooling", "max_length", "flow") if key not in config]
+    if missing:
+        raise ValueError(f"{config_path}: missing keys {missing}")
+    weights_path = directory / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{directory} is not a complete BertFlow model: {WEIGHTS_FILE} is missing")
+    return config, weights_path
+
+
+def _state_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
+    """How saved weights differ from the tensors a config's flow has, in one line ("" when they match)."""
+    problems = []
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing:
+        problems.append(f"{len(missing)} tensors missing (first {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensors the config has no place for (first {unexpected[0]})")
+    shapes = [name for name in sorted(set(expected) & set(found)) if expected[name].shape != found[name].shape]
+    if shapes:
+        name = shapes[0]
+        problems.append(f"{len(shapes)} tensors of another shape (first {name}: {list(found[name].shape)} saved, "
+                        f"{list(expected[name].shape)} expected)")
+    return "; ".join(problems)
 
 
 @contextlib.contextmanager

@@ -1,45 +1,19 @@
-"""The embedding job: formats, shards, resume after kill -9, refused foreign output, errors, several workers."""
+"""The embedding job: formats, shards, inputs, resume, refused foreign output, errors."""
 from __future__ import annotations
 
+import gzip
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
+import shutil
 
 import numpy as np
 import pytest
+import torch
 
-from flowkern.embed import embed, read_output
+from flowkern.cli import main
+from flowkern.embed import Embedder, embed, read_output
 from flowkern.models import BertFlow
 from flowkern.nn import Glow
-
-REPO = Path(__file__).resolve().parents[2]
-WHO = ("A man", "A woman", "The dog", "Two girls", "Three boys", "The child")
-DOING = ("is playing", "is running", "is eating", "sits", "walks")
-WHERE = ("on the beach", "in the snow", "near the car", "with a red ball")
-SENTENCES = [f"{w} {d} {p}." for w in WHO for d in DOING for p in WHERE]  # 120 distinct
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_bert, tmp_path_factory) -> Path:
-    model = BertFlow(tiny_bert, flow={"levels": 2, "depth": 2, "hidden": 16}, seed=0)
-    model.fit(SENTENCES, batch_size=32)
-    return model.save(tmp_path_factory.mktemp("model") / "flow")
-
-
-@pytest.fixture(scope="module")
-def model(model_dir) -> BertFlow:
-    return BertFlow.load(model_dir)
-
-
-@pytest.fixture(scope="module")
-def txt_input(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("input") / "sentences.txt"
-    path.write_text("\n".join(SENTENCES[:50]) + "\n\n" + "\n".join(SENTENCES[50:]) + "\n", encoding="utf-8")
-    return path
+from tests.embed.common import SENTENCES, cli
 
 
 def test_embeddings_match_encode_and_ids_are_stable(model_dir, model, txt_input, tmp_path):
@@ -80,77 +54,93 @@ def test_input_formats_and_parquet_output_agree(model_dir, txt_input, tmp_path):
     np.testing.assert_array_equal(from_parquet, txt)
 
 
-def test_directory_input_reads_every_file_in_order(model_dir, tmp_path):
+def test_directory_input_reads_every_input_file_in_order(model_dir, tmp_path):
     folder = tmp_path / "corpus"
     (folder / "b").mkdir(parents=True)
-    (folder / "a.txt").write_text("\n".join(SENTENCES[:7]) + "\n")
+    (folder / "a.TXT").write_text("\n".join(SENTENCES[:7]) + "\n")
     (folder / "b" / "c.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in SENTENCES[7:12]))
-    (folder / "notes.md").write_text("not an input")
+    with gzip.open(folder / "b" / "d.txt.gz", "wt") as handle:
+        handle.write("\n".join(SENTENCES[12:15]) + "\n")
+    (folder / ".notes.md").write_text("hidden: not an input")
     embed(folder, model_dir, tmp_path / "out")
     ids, embeddings = read_output(tmp_path / "out")
-    assert ids[0] == "a.txt:1" and ids[7] == "b/c.jsonl:1" and len(ids) == 12 == len(embeddings)
+    assert ids[0] == "a.TXT:1" and ids[7] == "b/c.jsonl:1" and ids[12] == "b/d.txt.gz:1"
+    assert len(ids) == 15 == len(embeddings)
 
 
-def _cli(*args) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "flowkern", *map(str, args)], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def test_directory_with_files_that_are_not_inputs_is_refused_naming_them(model_dir, tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.txt").write_text("A man is playing.\n")
+    (folder / "table.csv").write_text("text\nA dog runs.\n")
+    (folder / "more.txt.bz2").write_bytes(b"BZh9")
+    with pytest.raises(ValueError, match=r"2 files are not inputs \(more.txt.bz2, table.csv\)"):
+        embed(folder, model_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
-def test_kill_9_then_resume_gives_the_uninterrupted_output(model_dir, tmp_path):
-    big = tmp_path / "big.txt"
-    rows = 6000
-    big.write_text("\n".join(SENTENCES[i % 120] + f" {i}" for i in range(rows)) + "\n")
-    shard_rows = 100
-    embed(big, model_dir, tmp_path / "whole", shard_rows=shard_rows)
+def test_cr_only_line_endings_are_lines(model_dir, tmp_path):
+    path = tmp_path / "old-mac.txt"
+    path.write_bytes("\r".join(SENTENCES[:3]).encode() + b"\r\r" + SENTENCES[3].encode() + b"\r\n" +
+                     SENTENCES[4].encode() + b"\n")
+    embed(path, model_dir, tmp_path / "out")
+    ids, _ = read_output(tmp_path / "out")
+    assert ids == ["old-mac.txt:1", "old-mac.txt:2", "old-mac.txt:3", "old-mac.txt:5", "old-mac.txt:6"]
 
-    out = tmp_path / "killed"
-    job = _cli("embed", big, "--model", model_dir, "--out", out, "--shard-rows", shard_rows)
-    deadline = time.monotonic() + 120
-    while len(list(out.glob("shard-*.done.json"))) < 3 and time.monotonic() < deadline and job.poll() is None:
-        time.sleep(0.01)
-    job.send_signal(signal.SIGKILL)
-    job.wait()
-    done_at_kill = len(list(out.glob("shard-*.done.json")))
-    assert 3 <= done_at_kill < rows // shard_rows, f"{done_at_kill} shards were done when killed"
-    report = embed(big, model_dir, out, shard_rows=shard_rows, resume=True)
-    assert report.shards_skipped == done_at_kill and report.shards == rows // shard_rows - done_at_kill
-    ids, embeddings = read_output(out)
-    ids_whole, whole = read_output(tmp_path / "whole")
-    assert ids == ids_whole
-    assert embeddings.tobytes() == whole.tobytes()
-    assert not list(out.glob(".*.tmp-*"))
+
+def test_out_inside_the_input_directory_is_not_read_as_input(model_dir, tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    pq.write_table(pa.table({"text": SENTENCES[:30]}), folder / "rows.parquet")
+    embed(folder, model_dir, folder / "embeddings", format="parquet", shard_rows=10)
+    report = embed(folder, model_dir, folder / "embeddings", format="parquet", shard_rows=10, resume=True)
+    assert report.shards_skipped == 3 and report.shards == 0
+    assert len(read_output(folder / "embeddings")[0]) == 30
+
+
+def test_duplicate_id_column_values_are_refused(model_dir, tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": s, "key": f"k{i % 7}"}) + "\n" for i, s in enumerate(SENTENCES[:9])))
+    with pytest.raises(ValueError, match="duplicate id 'k0' in --id-column 'key'"):
+        embed(rows, model_dir, tmp_path / "out", id_column="key")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_str_is_one_sentence(model):
+    np.testing.assert_array_equal(Embedder(model)("A man is playing."), Embedder(model)(["A man is playing."])[0])
 
 
 def test_resume_after_the_last_shard_does_nothing(model_dir, txt_input, tmp_path):
     embed(txt_input, model_dir, tmp_path / "out", shard_rows=50)
     before = read_output(tmp_path / "out")
     report = embed(txt_input, model_dir, tmp_path / "out", shard_rows=50, resume=True)
-    assert report.shards == 0 and report.shards_skipped == 3
+    assert report.shards == 0 and report.shards_skipped == 3 and report.shards_redone == 0
     after = read_output(tmp_path / "out")
     assert before[0] == after[0] and before[1].tobytes() == after[1].tobytes()
 
 
 def test_foreign_or_finished_output_is_refused_unless_asked(model_dir, txt_input, tmp_path):
     embed(txt_input, model_dir, tmp_path / "out", shard_rows=50)
-    with pytest.raises(ValueError, match="another job"):
+    with pytest.raises(ValueError, match=r"another job \(its shard_rows 50 \(now 60\)"):
         embed(txt_input, model_dir, tmp_path / "out", shard_rows=60)
-    with pytest.raises(ValueError, match="another job"):
+    with pytest.raises(ValueError, match=r"another job \(its pooled False \(now True\)"):
         embed(txt_input, model_dir, tmp_path / "out", shard_rows=50, pooled=True, resume=True)
-    with pytest.raises(ValueError, match="already holds this job's output"):
+    with pytest.raises(ValueError, match="already holds this job's finished output"):
         embed(txt_input, model_dir, tmp_path / "out", shard_rows=50)
     embed(txt_input, model_dir, tmp_path / "out", shard_rows=60, overwrite=True)
     ids, _ = read_output(tmp_path / "out")
     assert len(ids) == 120 and len(list((tmp_path / "out").glob("shard-*.done.json"))) == 2
 
 
-def test_two_workers_give_the_same_output(model_dir, txt_input, tmp_path):
-    embed(txt_input, model_dir, tmp_path / "one", shard_rows=25)
-    embed(txt_input, model_dir, tmp_path / "two", shard_rows=25, devices=["cpu", "cpu"])
-    one, two = read_output(tmp_path / "one"), read_output(tmp_path / "two")
-    assert one[0] == two[0]
-    np.testing.assert_allclose(two[1], one[1], rtol=1e-5, atol=1e-6)
+def test_batch_tokens_are_part_of_the_job_and_zero_is_refused(model_dir, txt_input, tmp_path):
+    embed(txt_input, model_dir, tmp_path / "out", shard_rows=50, batch_tokens=256)
+    with pytest.raises(ValueError, match=r"another job \(its batch_tokens 256 \(now 2048\)"):
+        embed(txt_input, model_dir, tmp_path / "out", shard_rows=50, resume=True)
+    with pytest.raises(ValueError, match=r"batch_tokens \(0\) must hold at least one sentence"):
+        embed(txt_input, model_dir, tmp_path / "zero", batch_tokens=0)
+    assert not (tmp_path / "zero").exists()
 
 
 @pytest.mark.gpu
@@ -173,16 +163,20 @@ def test_input_errors(model_dir, tmp_path):
         "broken.jsonl": ('{"text": "fine"}\n{not json\n', r"broken.jsonl:2: not valid JSON"),
         "bad.txt": (b"fine\n\xff\xfe bad bytes\n", r"bad.txt:2: not valid UTF-8"),
         "empty.txt": ("\n  \n", "empty input"),
+        "fake.txt.gz": ("not gzip", r"fake.txt.gz: not a readable gzip file"),
     }
     for name, (content, message) in cases.items():
         path = tmp_path / name
         path.write_bytes(content if isinstance(content, bytes) else content.encode())
         with pytest.raises(ValueError, match=message):
             embed(path, model_dir, tmp_path / f"out-{name}")
+        assert not (tmp_path / f"out-{name}").exists()
     with pytest.raises(FileNotFoundError, match="no such file or directory"):
         embed(tmp_path / "missing.txt", model_dir, tmp_path / "out")
     with pytest.raises(ValueError, match="no file"):
         embed(str(tmp_path / "*.nothing"), model_dir, tmp_path / "out")
+    with pytest.raises(ValueError, match="given twice"):
+        embed([tmp_path / "empty.txt", tmp_path / "empty.txt"], model_dir, tmp_path / "out")
 
 
 def test_parquet_column_errors(model_dir, tmp_path):
@@ -199,15 +193,13 @@ def test_model_dir_errors(txt_input, tmp_path):
     with pytest.raises(FileNotFoundError, match="no such model directory"):
         embed(txt_input, tmp_path / "nowhere", tmp_path / "out")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="config.json is missing"):
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
         embed(txt_input, tmp_path / "empty", tmp_path / "out")
 
 
 def test_corrupt_config_and_incomplete_flow_config_are_named(model_dir, tmp_path):
     broken = tmp_path / "broken"
-    broken.mkdir()
-    for name in ("config.json", "flow.safetensors"):
-        (broken / name).write_bytes((model_dir / name).read_bytes())
+    shutil.copytree(model_dir, broken)
     (broken / "config.json").write_text('{"format": "flowkern.bertflow", ')
     with pytest.raises(ValueError, match=r"config.json: not valid JSON"):
         BertFlow.load(broken)
@@ -215,13 +207,47 @@ def test_corrupt_config_and_incomplete_flow_config_are_named(model_dir, tmp_path
         Glow.from_config({"n_levels": 2, "coupling_width": 16}, channels=8)
 
 
-def test_cli_embed_and_its_errors(model_dir, txt_input, tmp_path):
-    job = _cli("embed", txt_input, "--model", model_dir, "--out", tmp_path / "out", "--shard-rows", 64)
+def test_damaged_weights_fail_the_start_without_leaving_a_manifest(model_dir, txt_input, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    weights = (model / "flow.safetensors").read_bytes()
+    (model / "flow.safetensors").write_bytes(weights[:len(weights) // 2])
+    for devices in (None, ["cpu"]):
+        with pytest.raises(ValueError, match=r"flow.safetensors: damaged"):
+            embed(txt_input, model, tmp_path / "out", devices=devices)
+        assert not (tmp_path / "out").exists()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes").write_text("the user's own file")
+    with pytest.raises(ValueError, match=r"flow.safetensors: damaged"):
+        embed(txt_input, model, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["notes"]
+    (model / "flow.safetensors").write_bytes(weights)
+    assert embed(txt_input, model, tmp_path / "out").rows == 120  # the retry needs no --overwrite
+
+
+def test_devices_without_cuda_are_refused(model_dir, txt_input, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match=r"device 'cuda:0': CUDA is not available on this machine"):
+        embed(txt_input, model_dir, tmp_path / "out", devices=["cuda:0"])
+    with pytest.raises(ValueError, match=r"unknown device 'gpu0'"):
+        embed(txt_input, model_dir, tmp_path / "out", devices=["gpu0"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_embed_and_its_errors(model_dir, txt_input, tmp_path, capsys):
+    job = cli("embed", txt_input, "--model", model_dir, "--out", tmp_path / "out", "--shard-rows", 64)
     stdout, stderr = job.communicate(timeout=300)
     assert job.returncode == 0, stderr
     assert "120 sentences" in stdout
     ids, embeddings = read_output(tmp_path / "out")
     assert len(ids) == 120
-    job = _cli("embed", tmp_path / "nothing.txt", "--model", model_dir, "--out", tmp_path / "out2")
-    _, stderr = job.communicate(timeout=300)
-    assert job.returncode == 1 and len(stderr.strip().splitlines()) == 1 and "no such file" in stderr
+    for args, message in [((tmp_path / "nothing.txt",), "no such file"),
+                          ((txt_input, "--batch-tokens", 0), "batch_tokens (0) must hold"),
+                          ((txt_input, "--devices", "cpu,gpu0"), "unknown device 'gpu0'"),
+                          ((txt_input,), "already holds this job's finished output; pass --resume")]:
+        assert main(["embed", *map(str, args), "--model", str(model_dir), "--out", str(tmp_path / "out"),
+                     "--shard-rows", "64"]) == 1
+        stderr = capsys.readouterr().err
+        assert len(stderr.strip().splitlines()) == 1 and message in stderr, stderr
+

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from flowkern.models import BertFlow
-from tests.embed.test_embed import SENTENCES
+from tests.embed.common import SENTENCES
 
 
 @pytest.fixture(scope="module")

@@ -144,3 +144,49 @@ def test_fast_and_eager_paths_agree_with_dropout(encoder, stsb_subset):
     gaps = [fast - eager for (fast, eager), _ in
             (fast_and_eager_scores(encoder, stsb_subset, seed=seed, epochs=3) for seed in range(3))]
     assert abs(np.mean(gaps)) < 0.5, gaps
+
+
+def test_a_str_is_one_sentence(encoder):
+    model = small_flow(encoder)
+    one = model.encode("A man is playing.")
+    assert one.shape == (encoder.dim,)
+    np.testing.assert_array_equal(one, model.encode(["A man is playing."])[0])
+    assert model.pooled("A man is playing.").shape == (encoder.dim,)
+
+
+def test_fit_needs_two_sentences(encoder):
+    for corpus in (["A man is playing."], "A man is playing."):
+        with pytest.raises(ValueError, match="need at least 2 sentences to fit the flow, got 1"):
+            small_flow(encoder).fit(corpus)
+
+
+def test_saved_files_share_one_mode(encoder, tmp_path):
+    small_flow(encoder).save(tmp_path / "model")
+    modes = {(tmp_path / "model" / name).stat().st_mode for name in ("config.json", "flow.safetensors")}
+    assert len(modes) == 1
+
+
+def test_damaged_weights_and_a_config_that_does_not_match_them_are_named(encoder, tmp_path):
+    small_flow(encoder).save(tmp_path / "model")
+    weights = tmp_path / "model" / "flow.safetensors"
+    intact = weights.read_bytes()
+    for damaged in (intact[:len(intact) // 2], b"\xff" * 64):
+        weights.write_bytes(damaged)
+        with pytest.raises(ValueError, match=r"flow.safetensors: damaged, not readable as safetensors .*; save the "
+                                             r"model again"):
+            BertFlow.load(tmp_path / "model")
+    weights.write_bytes(intact)
+    config_path = tmp_path / "model" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["flow"]["hidden"] = 24
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"flow.safetensors does not match .*config.json .*: \d+ tensors of another "
+                                         r"shape \(first \S+: \[\d+(, \d+)*\] saved, \[\d+(, \d+)*\] expected\)$"):
+        BertFlow.load(tmp_path / "model")
+    config["flow"]["depth"] = 3
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"tensors missing \(first "):
+        BertFlow.load(tmp_path / "model")
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match="flow.safetensors is missing"):
+        BertFlow.load(tmp_path / "model")
