@@ -29,14 +29,18 @@ class CliError(Exception):
 
 def read_sentences(path: str | os.PathLike) -> list[str]:
     """Sentences of a text file, one per line: strict UTF-8 (invalid bytes raise with the line number),
-    line endings (\\n or \\r\\n) removed, blank lines skipped, other whitespace kept."""
+    line endings (\\n, \\r\\n or a lone \\r) removed, blank lines skipped, other whitespace kept."""
+    from flowkern.embed.reader import split_lines
+
     path = Path(path)
     if not path.is_file():
         raise CliError(f"{path}: no such file")
     sentences = []
-    for line_number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+    with open(path, "rb") as handle:
+        raw_lines = list(split_lines(handle))
+    for line_number, raw in enumerate(raw_lines, start=1):
         try:
-            line = raw.decode("utf-8").removesuffix("\r")
+            line = raw.decode("utf-8")
         except UnicodeDecodeError as error:
             raise CliError(f"{path}:{line_number}: not valid UTF-8 (byte {error.start} of the line); "
                            f"re-encode the file as UTF-8") from None
@@ -138,11 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--id-column", default=None, help="take row ids from this field/column (default file:line)")
     embed.add_argument("--pooled", action="store_true", help="write the encoder's pooled vectors (no flow)")
     embed.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="output dtype")
-    embed.add_argument("--resume", action="store_true", help="skip the shards a previous run finished")
+    embed.add_argument("--resume", action="store_true",
+                       help="keep the shards a previous run of this job finished (checked against their done "
+                            "markers and the input), redo the rest")
     embed.add_argument("--overwrite", action="store_true", help="replace another job's output in OUT")
     embed.add_argument("--batch-tokens", type=int, default=None,
                        help="padded tokens per encoder batch (length-sorted batches; default 16384 on GPU, 2048 on "
-                            "CPU)")
+                            "CPU); part of the job's identity, as it changes the embeddings' last bits")
     embed.add_argument("--devices", default=None,
                        help="comma-separated devices, one worker process each (e.g. cuda:0,cuda:1); default: "
                             "every visible GPU, else this process on the CPU")
@@ -242,8 +248,12 @@ def run_encode(args: argparse.Namespace, progress: bool) -> None:
         embeddings = model.pooled(sentences, args.batch_size, progress).cpu().numpy()
     else:
         embeddings = model.encode(sentences, args.batch_size, progress=progress)
-    np.save(args.output, embeddings.astype(np.float32))
-    print(f"wrote {embeddings.shape[0]} x {embeddings.shape[1]} float32 embeddings to {args.output}")
+    # np.save appends .npy to any other name: report the file it really writes.
+    output = Path(args.output)
+    if output.suffix != ".npy":
+        output = output.with_name(output.name + ".npy")
+    np.save(output, embeddings.astype(np.float32))
+    print(f"wrote {embeddings.shape[0]} x {embeddings.shape[1]} float32 embeddings to {output}")
 
 
 def run_embed(args: argparse.Namespace, progress: bool) -> None:
@@ -258,8 +268,9 @@ def run_embed(args: argparse.Namespace, progress: bool) -> None:
                    field=args.field, column=args.column, id_column=args.id_column, pooled=args.pooled,
                    dtype=args.dtype, resume=args.resume, overwrite=args.overwrite, batch_tokens=args.batch_tokens,
                    devices=devices, progress=progress)
+    redone = f", {report.shards_redone} damaged or foreign shards redone" if report.shards_redone else ""
     print(f"embedded {report.rows} sentences into {report.shards} shards of {report.out_dir} "
-          f"({report.shards_skipped} shards already done) in {report.seconds:.1f} s: "
+          f"({report.shards_skipped} shards already done{redone}) in {report.seconds:.1f} s: "
           f"{report.rows_per_second:.0f} sentences/s")
 
 

@@ -94,8 +94,9 @@ def test_bench_models_suite_says_what_it_lacks(tmp_path):
 def test_fit_then_encode(fitted_model, sentences_file, tmp_path):
     config = json.loads((fitted_model / "config.json").read_text())
     assert config["flow"]["levels"] == 2 and Path(config["encoder"]).is_dir()
-    out = tmp_path / "z.npy"
-    flowkern("encode", fitted_model, sentences_file, out)
+    result = flowkern("encode", fitted_model, sentences_file, tmp_path / "z")
+    out = tmp_path / "z.npy"  # np.save's name, and the one reported
+    assert result.stdout.strip().endswith(f"embeddings to {out}") and not (tmp_path / "z").exists()
     embeddings = np.load(out)
     assert embeddings.shape == (20, 32) and embeddings.dtype == np.float32
     flowkern("encode", fitted_model, sentences_file, tmp_path / "pooled.npy", "--pooled")
@@ -139,6 +140,14 @@ def test_missing_data_dir_says_how_to_set_it(tiny_bert):
     assert result.returncode == 1
     assert "FLOWKERN_DATA" in result.stderr and "--data-dir" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_text_files_with_lone_cr_line_endings_have_lines(tmp_path):
+    from flowkern.cli import read_sentences
+
+    path = tmp_path / "old-mac.txt"
+    path.write_bytes(b"first\rsecond\r\rthird\r\nfourth\n")
+    assert read_sentences(path) == ["first", "second", "third", "fourth"]
 
 
 def test_text_file_errors(tiny_bert, tmp_path):
