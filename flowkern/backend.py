@@ -18,6 +18,9 @@ from typing import Iterator
 import torch
 
 NAMES = ("torch", "triton", "cuda", "cpp")
+# The tensor devices each backend's kernels take, whatever is installed ("triton" takes CPU tensors only under the
+# interpreter, for tests). usable_on adds what this machine has.
+DEVICE_TYPES = {"torch": ("cpu", "cuda"), "triton": ("cuda", "cpu"), "cuda": ("cuda",), "cpp": ("cpu",)}
 # Fastest first; "auto" never picks the Triton interpreter on CPU because it is ~1000x slower than eager. On CUDA
 # the Triton kernels come first until the CUDA C++ kernels are measured faster on a GPU.
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
@@ -48,19 +51,15 @@ _EXTENSION, _EXTENSION_ERROR = _load_extension()
 
 def usable_on(name: str, device: torch.device) -> bool:
     """Whether backend `name` can run ops on tensors of `device`."""
+    if device.type not in DEVICE_TYPES.get(name, ()):
+        return False
     if name == "torch":
         return True
     if name == "triton":
-        if not _TRITON_INSTALLED:
-            return False
-        if device.type == "cuda":
-            return torch.cuda.is_available()
-        return device.type == "cpu" and _TRITON_INTERPRETED
+        return _TRITON_INSTALLED and (torch.cuda.is_available() if device.type == "cuda" else _TRITON_INTERPRETED)
     if name == "cuda":
-        return _EXTENSION is not None and device.type == "cuda" and _EXTENSION.has_cuda and torch.cuda.is_available()
-    if name == "cpp":
-        return _EXTENSION is not None and device.type == "cpu"
-    return False
+        return _EXTENSION is not None and _EXTENSION.has_cuda and torch.cuda.is_available()
+    return _EXTENSION is not None   # "cpp"
 
 
 def _devices_here() -> list[torch.device]:

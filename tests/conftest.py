@@ -27,6 +27,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def backend_under_test(item) -> str | None:
+    """The backend a parametrized test runs (its "impl" or "backend" parameter), if any."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return params.get("impl", params.get("backend"))
+
+
+def pytest_runtest_setup(item):
+    """A gpu test of a CUDA backend this machine cannot run (flowkern._C built without CUDA) is skipped, or fails
+    where the extension is required (make test, gpu_check.sh), so a missing build cannot pass unnoticed."""
+    name = backend_under_test(item)
+    if "gpu" not in item.keywords or name is None or not torch.cuda.is_available():
+        return
+    if not flowkern.backend.usable_on(name, torch.device("cuda")):
+        why = f"backend {name!r} cannot run CUDA tensors here: {flowkern.backend._why_unusable(name)}"
+        pytest.fail(why) if os.environ.get("FLOWKERN_REQUIRE_EXTENSION") == "1" else pytest.skip(why)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_state():
     """Each test starts on the default backend with finite checks on, and a fixed seed it may override."""
@@ -57,3 +74,6 @@ def sts_data_dir() -> Path:
 
 
 KERNEL_BACKENDS = [name for name in ("triton", "cuda", "cpp") if name in flowkern.backends()]
+# The gpu-marked tests hand CUDA tensors to these: every kernel backend that takes them, whether or not this machine
+# can run it (tests/test_gpu_tests.py checks that no gpu test uses another).
+GPU_KERNEL_BACKENDS = [name for name in ("triton", "cuda", "cpp") if "cuda" in flowkern.backend.DEVICE_TYPES[name]]

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -71,6 +73,7 @@ class Glow(nn.Module):
     kernel forward, one backward) for [B, C] input to a BERT-flow Glow (image=False, built-in MLP subnets,
     hidden <= 64) on a kernel backend, once every ActNorm is initialized; "ops" runs the per-op kernels layer
     by layer (image flows, user subnets, the data-dependent init call); "reference" the eager torch ops.
+    Every call reads the parameters as they are then; `frozen()` opts into reusing their packing for inference.
     """
 
     def __init__(self, channels: int, levels: int = 3, depth: int = 3, hidden: int = 32,
@@ -100,7 +103,7 @@ class Glow(nn.Module):
         # Set to False to keep the per-op path (e.g. to compare the two); the fused path is used where it applies.
         self.fuse = True
         self._plans: dict[torch.device, GlowPlan] = {}
-        self._pack_cache: dict[str, tuple] = {}
+        self._frozen_packs: dict[tuple, tuple] | None = None   # packed parameters inside frozen(), else None
         self._fused_tree: _FusedTree | None = None
         # Permutation buffers may change with a checkpoint: rebuild the fused plan after loading one.
         self.register_load_state_dict_post_hook(_drop_plans)
@@ -193,9 +196,9 @@ class Glow(nn.Module):
         return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
 
     def _packed(self, direction: str, plan: GlowPlan, x: torch.Tensor):
-        """The packed parameters for ops.glow / ops.glow_inverse; cached, already concatenated, while no gradient
-        is needed (eval, no_grad), keyed by every parameter's version so an optimizer step or load_state_dict
-        refreshes it."""
+        """The packed parameters for ops.glow / ops.glow_inverse, from the parameters as they are now (whatever
+        wrote them: an optimizer, load_state_dict, `.data`), except inside `frozen()`, where the first call's
+        packing is reused for calls that need no gradient."""
         def pack():
             params = self._step_params()
             if direction == "forward":
@@ -204,15 +207,29 @@ class Glow(nn.Module):
             weights = [step.mixing.inverse_weight() for step in self._steps()] if plan.lu else None
             return pack_inverse(plan, params, weights)
 
-        if self._needs_grad(x):
+        if self._frozen_packs is None or self._needs_grad(x):
             return pack()
-        key = (plan.device,) + tuple((id(t), t._version) for t in self.parameters())
-        cached = self._pack_cache.get(direction)
-        if cached is None or cached[0] != key:
+        key = (direction, plan.device)
+        if key not in self._frozen_packs:
             params, *rest = pack()
-            cached = (key, ([torch.cat([p.reshape(-1) for p in params])], *rest))
-            self._pack_cache[direction] = cached
-        return cached[1]
+            self._frozen_packs[key] = ([torch.cat([p.reshape(-1) for p in params])], *rest)
+        return self._frozen_packs[key]
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator["Glow"]:
+        """Inside the block, calls without gradients (eval, no_grad) reuse the parameters packed by the first one.
+
+        The fused path otherwise packs them on every call: a concatenation of ~100 small tensors, and for LU flows
+        the [C, C] weight assembly (W = P L U, its inverse for `inverse`), which costs more than the flow itself at
+        small batches on CPU. Use it for inference loops over a flow whose parameters the block does not change:
+        a write to them inside the block (even through `.data`) is not seen until the block ends."""
+        if self._frozen_packs is not None:
+            raise RuntimeError("Glow.frozen(): already inside a frozen() block of this flow")
+        self._frozen_packs = {}
+        try:
+            yield self
+        finally:
+            self._frozen_packs = None
 
     def _fused_forward(self, x: torch.Tensor):
         """(z, log_det, log_prior) in one op."""
@@ -342,4 +359,5 @@ class _FusedTree:
 
 def _drop_plans(module: Glow, incompatible_keys) -> None:
     module._plans = {}
-    module._pack_cache = {}
+    if module._frozen_packs is not None:   # a checkpoint loaded inside frozen() is seen by the next call
+        module._frozen_packs.clear()

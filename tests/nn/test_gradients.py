@@ -6,7 +6,7 @@ from torch.func import functional_call
 import flowkern
 
 from flowkern.nn import ActNorm, AdditiveCoupling, AffineCoupling, FlowStep, Glow, InvConv1x1, Split
-from tests.conftest import KERNEL_BACKENDS
+from tests.conftest import GPU_KERNEL_BACKENDS, KERNEL_BACKENDS
 from tests.helpers import backends_for_invariants, randomize_, random_input
 
 # The Triton interpreter would take minutes per gradcheck; its kernels' gradients are checked against the float64
@@ -64,7 +64,7 @@ def test_inverse_gradcheck(backend, layer):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("layer", ["flowstep", "glow"])
-@pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b != "cpp"])
+@pytest.mark.parametrize("backend", GPU_KERNEL_BACKENDS)
 def test_gpu_forward_and_inverse_gradcheck(backend, layer):
     module = randomize_(LAYERS[layer](False)).double().cuda()
     with flowkern.use_backend(backend):

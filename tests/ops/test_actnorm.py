@@ -7,7 +7,7 @@ import torch
 import flowkern
 from flowkern import ops
 from flowkern.ops.actnorm_ops import actnorm_inverse_ref, actnorm_ref
-from tests.conftest import KERNEL_BACKENDS
+from tests.conftest import GPU_KERNEL_BACKENDS, KERNEL_BACKENDS
 from tests.ops.kernel_cases import (GPU_DTYPES, GPU_ODD_SHAPES, LAYOUTS, LOW_PRECISION, SHAPES, assert_close,
                                     device_for, grad_dtype, make, pixels)
 from tests.ops.kernel_checks import assert_compiled_matches_float64
@@ -186,7 +186,7 @@ def test_dispatcher_compiles_without_graph_breaks(impl):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", KERNEL_BACKENDS)
+@pytest.mark.parametrize("impl", GPU_KERNEL_BACKENDS)
 @pytest.mark.parametrize("shape", GPU_ODD_SHAPES)
 @pytest.mark.parametrize("layout", ["sliced", "strided"])
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
@@ -196,7 +196,7 @@ def test_gpu_odd_shapes_and_layouts(impl, shape, layout, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", KERNEL_BACKENDS)
+@pytest.mark.parametrize("impl", GPU_KERNEL_BACKENDS)
 @pytest.mark.parametrize("shape", [(4096, 768), (64, 48, 16, 16)])
 @pytest.mark.parametrize("layout", ["contiguous", "sliced"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -210,7 +210,7 @@ def test_gpu_real_sizes(impl, shape, layout, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", KERNEL_BACKENDS)
+@pytest.mark.parametrize("impl", GPU_KERNEL_BACKENDS)
 def test_gpu_inductor_compiles_the_training_loss(impl):
     x = make((4096, 768), torch.bfloat16, device="cuda").requires_grad_()
     bias, logs = _params(768, "cuda")

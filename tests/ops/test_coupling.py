@@ -7,7 +7,7 @@ import torch
 import flowkern
 from flowkern import ops
 from flowkern.ops.coupling_ops import coupling_inverse_ref, coupling_ref
-from tests.conftest import KERNEL_BACKENDS
+from tests.conftest import GPU_KERNEL_BACKENDS, KERNEL_BACKENDS
 from tests.ops.kernel_checks import assert_compiled_matches_float64
 from tests.ops.kernel_cases import (GPU_DTYPES, GPU_ODD_SHAPES, LAYOUTS, LOW_PRECISION, SHAPES, assert_close,
                                     device_for, grad_dtype, make)
@@ -179,7 +179,7 @@ def test_custom_ops_compile_without_graph_breaks(impl):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", KERNEL_BACKENDS)
+@pytest.mark.parametrize("impl", GPU_KERNEL_BACKENDS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("shape", GPU_ODD_SHAPES)
 @pytest.mark.parametrize("layout", ["sliced", "strided"])
@@ -190,7 +190,7 @@ def test_gpu_odd_shapes_and_layouts(impl, kind, shape, layout, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", KERNEL_BACKENDS)
+@pytest.mark.parametrize("impl", GPU_KERNEL_BACKENDS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("shape", [(4096, 768), (64, 48, 16, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -12,7 +12,7 @@ import flowkern
 from flowkern import ops
 from flowkern.nn import FlowStep, Glow
 from flowkern.ops import invconv_ops
-from tests.conftest import KERNEL_BACKENDS
+from tests.conftest import GPU_KERNEL_BACKENDS, KERNEL_BACKENDS
 from tests.helpers import randomize_
 from tests.ops.kernel_checks import (MAX_SPILL_BYTES, LauncherCalls, assert_compiled_matches_float64,
                                      assert_training_step_matches_torch,
@@ -361,7 +361,7 @@ def test_gpu_mixing_real_size(shape, dtype, with_actnorm):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", [b for b in KERNEL_BACKENDS if b != "cpp"])
+@pytest.mark.parametrize("impl", GPU_KERNEL_BACKENDS)
 @pytest.mark.parametrize("shape", GPU_ODD_SHAPES)
 @pytest.mark.parametrize("layout", ["sliced", "strided"])   # a channel slice; transposed rows / channels_last
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -7,7 +7,7 @@ import torch
 import flowkern
 from flowkern import ops
 from flowkern.ops.prior_ops import gaussian_log_prob_ref
-from tests.conftest import KERNEL_BACKENDS
+from tests.conftest import GPU_KERNEL_BACKENDS, KERNEL_BACKENDS
 from tests.ops.kernel_checks import assert_compiled_matches_float64
 from tests.ops.kernel_cases import (GPU_DTYPES, GPU_ODD_SHAPES, LAYOUTS, LOW_PRECISION, SHAPES, assert_close,
                                     device_for, grad_dtype, make)
@@ -84,7 +84,7 @@ def test_custom_ops_compile_without_graph_breaks(impl):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", KERNEL_BACKENDS)
+@pytest.mark.parametrize("impl", GPU_KERNEL_BACKENDS)
 @pytest.mark.parametrize("shape", GPU_ODD_SHAPES)
 @pytest.mark.parametrize("layout", ["sliced", "strided"])
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
@@ -93,7 +93,7 @@ def test_gpu_odd_shapes_and_layouts(impl, shape, layout, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", KERNEL_BACKENDS)
+@pytest.mark.parametrize("impl", GPU_KERNEL_BACKENDS)
 @pytest.mark.parametrize("shape", [(4096, 768), (64, 48, 16, 16), (65536, 384)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_gpu_real_sizes(impl, shape, dtype):
