@@ -399,17 +399,17 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], model: str | 
         skip, redone, wrote_manifest = _prepare_out_dir(out, job, job_sha256, plan, resume, overwrite)
 
         started = time.perf_counter()
-        workers = len(worker_devices or [None])
-        tasks = [WorkerTask(files, str(model_dir), str(out), options, job_sha256, skip, w, workers,
-                            None if worker_devices is None else str(worker_devices[w]),
-                            None if worker_devices is None else max(1, (os.cpu_count() or 1) // workers),
-                            None if worker_devices is None else os.getpid(),
-                            sum(n for k, n in enumerate(plan.shard_rows) if k % workers == w and k not in skip)
-                            if progress and w == 0 else None)
-                 for w in range(workers)]
         if worker_devices is None:
-            results = [_run_worker(tasks[0])]
+            results = [_run_worker(WorkerTask(files, str(model_dir), str(out), options, job_sha256, skip, 0, 1,
+                                              None, None, None, plan.rows if progress else None))]
         else:
+            workers = len(worker_devices)
+            tasks = [WorkerTask(files, str(model_dir), str(out), options, job_sha256, skip, w, workers,
+                                str(device), max(1, (os.cpu_count() or 1) // workers), os.getpid(),
+                                # The progress bar shows worker 0's share.
+                                sum(n for k, n in enumerate(plan.shard_rows) if k % workers == w and k not in skip)
+                                if progress and w == 0 else None)
+                     for w, device in enumerate(worker_devices)]
             results = run_workers(_run_worker, tasks, [str(d) for d in worker_devices])
         dim = _complete_manifest(out, job, job_sha256, plan)
     except BaseException:

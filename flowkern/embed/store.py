@@ -36,9 +36,12 @@ class OutputLock:
     def __init__(self, out: Path):
         self.path = out / LOCK_FILE
         self.created_dir = not out.exists()
-        out.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            out.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # the directory went away with a job that failed at its start
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -46,9 +49,13 @@ class OutputLock:
                 os.close(fd)
                 raise BlockingIOError(f"{out} is in use by another flowkern embed job ({holder}); wait for it to "
                                       f"end or choose another --out") from None
-            # A job that failed at its start removes the lock file: lock the file now at the path instead.
-            if self.path.exists() and os.fstat(fd).st_ino == self.path.stat().st_ino:
-                break
+            # A job that failed at its start removes the lock file (and maybe the directory) before unlocking:
+            # then lock the file now at the path instead.
+            try:
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             os.close(fd)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
