@@ -337,8 +337,12 @@ def _complete_manifest(out: Path, job: dict, job_sha256: str, plan: InputPlan) -
     """Every shard's marker into the manifest, checked against the input as read at the start; returns dim."""
     markers = []
     for index, input_sha256 in enumerate(plan.shard_sha256):
-        marker = read_json(marker_path(out, index))
-        if marker.get("job") != job_sha256 or marker.get("input_sha256") != input_sha256:
+        path = marker_path(out, index)
+        marker = read_json(path)
+        if marker.get("job") != job_sha256:
+            raise ValueError(f"{path}: written by another job while this one held {out} (a process that ignores "
+                             f"its lock?); run again with --resume")
+        if marker.get("input_sha256") != input_sha256:
             raise ValueError(f"the input changed while this job ran: shard {index} (rows {marker.get('first_id')} "
                              f"to {marker.get('last_id')}) differs from what was read at the start; pass "
                              f"--overwrite to start over")
@@ -399,16 +403,18 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], model: str | 
         skip, redone, wrote_manifest = _prepare_out_dir(out, job, job_sha256, plan, resume, overwrite)
 
         started = time.perf_counter()
+        workers = len(worker_devices or [None])
+
+        def rows_to_do(worker: int) -> int | None:  # the progress bar's total: worker 0's share
+            return sum(n for k, n in enumerate(plan.shard_rows) if k % workers == worker and k not in skip) \
+                if progress and worker == 0 else None
+
         if worker_devices is None:
             results = [_run_worker(WorkerTask(files, str(model_dir), str(out), options, job_sha256, skip, 0, 1,
-                                              None, None, None, plan.rows if progress else None))]
+                                              None, None, None, rows_to_do(0)))]
         else:
-            workers = len(worker_devices)
-            tasks = [WorkerTask(files, str(model_dir), str(out), options, job_sha256, skip, w, workers,
-                                str(device), max(1, (os.cpu_count() or 1) // workers), os.getpid(),
-                                # The progress bar shows worker 0's share.
-                                sum(n for k, n in enumerate(plan.shard_rows) if k % workers == w and k not in skip)
-                                if progress and w == 0 else None)
+            tasks = [WorkerTask(files, str(model_dir), str(out), options, job_sha256, skip, w, workers, str(device),
+                                max(1, (os.cpu_count() or 1) // workers), os.getpid(), rows_to_do(w))
                      for w, device in enumerate(worker_devices)]
             results = run_workers(_run_worker, tasks, [str(d) for d in worker_devices])
         dim = _complete_manifest(out, job, job_sha256, plan)
