@@ -60,8 +60,10 @@ def worker_pids(parent: int) -> list[int]:
         if not entry.name.isdigit():
             continue
         fields = _stat_fields(int(entry.name))
+        if fields is None or int(fields[1]) != parent:
+            continue
         try:
-            spawned = fields is not None and int(fields[1]) == parent and b"spawn_main" in (entry / "cmdline").read_bytes()
+            spawned = b"spawn_main" in (entry / "cmdline").read_bytes()
         except OSError:
             continue
         if spawned and alive(int(entry.name)):
