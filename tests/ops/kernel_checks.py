@@ -76,19 +76,24 @@ def assert_training_step_matches_torch(model: Glow, x: torch.Tensor) -> None:
 # ---- the kernels as the GPU runs them, compiled for Hopper here (Triton ships ptxas; no GPU needed) ----
 
 # Runs in a child process: this one has TRITON_INTERPRET=1 (no GPU), under which @triton.jit gives interpreted
-# functions that cannot be compiled. argv[1]: JSON list of cases; prints the stack bytes (register spills) of each.
+# functions that cannot be compiled. argv[1]: JSON list of cases; prints, per case, the resources of the compiled
+# kernel (registers and stack bytes per thread, static and dynamic shared memory bytes; its SASS with source lines
+# where the case asks for "sass").
 _HOPPER_COMPILE = r"""
 import importlib, json, re, subprocess, sys, tempfile
 from pathlib import Path
+import torch
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import MockTensor, create_function_from_signature
 
-cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-spills = []
-for case in json.loads(sys.argv[1]):
-    kernel = getattr(importlib.import_module(case["module"]), case["kernel"])
+target = GPUTarget("cuda", 90, 32)
+toolchain = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+def from_signature(kernel, case):
     constexprs = {k: getattr(tl, v[3:]) if str(v).startswith("tl.") else v for k, v in case["constexprs"].items()}
     signature = {}
     for name in kernel.arg_names:
@@ -100,15 +105,50 @@ for case in json.loads(sys.argv[1]):
             signature[name] = "*" + pointee
         else:
             signature[name] = "fp32" if name == "logscale_factor" else "i32"
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=case["num_warps"], num_stages=case["num_stages"]))
+    return (ASTSource(kernel, signature, constexprs),
+            dict(num_warps=case["num_warps"], num_stages=case["num_stages"]))
+
+
+def decode(value):
+    if isinstance(value, dict) and "tensor" in value:  # a fresh, 16-byte aligned allocation
+        return MockTensor(getattr(torch, value["tensor"]))
+    if isinstance(value, dict) and "tl_dtype" in value:
+        return tl.dtype(value["tl_dtype"])
+    return value
+
+
+def from_launch(kernel, launch):
+    # Specialized as a launch with these arguments would be (divisibility, constant strides of 1): Triton's own
+    # argument binder, with the target given instead of read from a GPU driver.
+    args = [decode(a) for a in launch["args"]]
+    kwargs = {k: decode(v) for k, v in launch["kwargs"].items()}
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    return ASTSource(kernel, signature, constexprs, attrs), options.__dict__
+
+
+results = []
+for case in json.loads(sys.argv[1]):
+    kernel = getattr(importlib.import_module(case["module"]), case["kernel"])
+    source, options = from_launch(kernel, case["launch"]) if "launch" in case else from_signature(kernel, case)
+    compiled = triton.compile(source, target=target, options=options)
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
-        usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(cubin)], capture_output=True,
-                               text=True, check=True).stdout
-    spills.append(int(re.search(r"STACK:(\d+)", usage).group(1)))
-print(json.dumps(spills))
+        usage = subprocess.run([str(toolchain / "cuobjdump"), "--dump-resource-usage", str(cubin)],
+                               capture_output=True, text=True, check=True).stdout
+        result = dict(registers=int(re.search(r"REG:(\d+)", usage).group(1)),
+                      stack=int(re.search(r"STACK:(\d+)", usage).group(1)),
+                      static_shared=int(re.search(r"SHARED:(\d+)", usage).group(1)),
+                      dynamic_shared=compiled.metadata.shared, num_warps=compiled.metadata.num_warps,
+                      num_stages=compiled.metadata.num_stages)
+        if case.get("sass"):
+            result["sass"] = subprocess.run([str(toolchain / "nvdisasm"), "--print-code", "--print-line-info-inline",
+                                             str(cubin)], capture_output=True, text=True, check=True).stdout
+    results.append(result)
+print(json.dumps(results))
 """
 
 
@@ -135,11 +175,20 @@ def hopper_case(module: str, kernel: str, blocks: dict, constexprs: dict, activa
                 num_stages=blocks.get("num_stages", 3))
 
 
-def compile_for_hopper(cases: list[dict]) -> list[int]:
-    """Compiles each case for sm_90 in a child process without the interpreter; returns the spill bytes."""
+def hopper_resources(cases: list[dict]) -> list[dict]:
+    """Compiles each case for sm_90 in a child process without the interpreter; returns per case its registers
+    and stack bytes per thread, static and dynamic shared memory bytes, num_warps, num_stages, and "sass"
+    (nvdisasm with source lines) for cases with sass=True. A case is a hopper_case, or dict(module, kernel,
+    launch=dict(args, kwargs)): the arguments of a launch (tensors as {"tensor": torch dtype name}, tl dtypes as
+    {"tl_dtype": name}), which Triton specializes as it would that launch."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[2]
     done = subprocess.run([sys.executable, "-c", _HOPPER_COMPILE, json.dumps(cases)], cwd=root, env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def compile_for_hopper(cases: list[dict]) -> list[int]:
+    """Compiles each case for sm_90 in a child process without the interpreter; returns the spill bytes."""
+    return [resources["stack"] for resources in hopper_resources(cases)]
