@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import shutil
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from flowkern.cli import main
-from flowkern.embed import Embedder, embed, read_output
+from flowkern.embed import Embedder, embed, read_output, reader
 from flowkern.models import BertFlow
 from flowkern.nn import Glow
 from tests.embed.common import SENTENCES, cli
@@ -86,6 +87,12 @@ def test_cr_only_line_endings_are_lines(model_dir, tmp_path):
     embed(path, model_dir, tmp_path / "out")
     ids, _ = read_output(tmp_path / "out")
     assert ids == ["old-mac.txt:1", "old-mac.txt:2", "old-mac.txt:3", "old-mac.txt:5", "old-mac.txt:6"]
+
+
+def test_line_endings_split_across_read_chunks_are_one_ending(monkeypatch):
+    monkeypatch.setattr(reader, "_READ_CHUNK", 1)
+    lines = reader.split_lines(io.BytesIO(b"a\r\nb\rc\n\r\nd\r"))
+    assert list(lines) == [b"a", b"b", b"c", b"", b"d"]
 
 
 def test_out_inside_the_input_directory_is_not_read_as_input(model_dir, tmp_path):
