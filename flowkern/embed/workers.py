@@ -13,6 +13,7 @@ import os
 import pickle
 import signal
 import sys
+import traceback
 from multiprocessing.connection import wait
 from typing import Callable, Sequence
 
@@ -37,6 +38,9 @@ def _worker_main(connection, parent_pid: int, target: Callable, task) -> None:
     try:
         result = ("ok", target(task))
     except BaseException as error:  # handed to the parent, raised there
+        # The traceback does not travel with the exception: a note carries it (tracebacks show notes, the
+        # command line's one-line errors do not).
+        error.add_note("in the worker process:\n" + "".join(traceback.format_exception(error)).rstrip())
         try:
             pickle.loads(pickle.dumps(error))
             result = ("error", error)
