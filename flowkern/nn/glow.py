@@ -225,11 +225,15 @@ class Glow(nn.Module):
         a write to them inside the block (even through `.data`) is not seen until the block ends."""
         if self._frozen_packs is not None:
             raise RuntimeError("Glow.frozen(): already inside a frozen() block of this flow")
-        self._frozen_packs = {}
-        try:
-            yield self
-        finally:
-            self._frozen_packs = None
+        with contextlib.ExitStack() as mixings:   # the per-op path's LU weights too
+            for module in self.modules():
+                if isinstance(module, InvConv1x1):
+                    mixings.enter_context(module.frozen())
+            self._frozen_packs = {}
+            try:
+                yield self
+            finally:
+                self._frozen_packs = None
 
     def _fused_forward(self, x: torch.Tensor):
         """(z, log_det, log_prior) in one op."""

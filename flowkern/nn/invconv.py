@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 from torch import nn
 
@@ -16,7 +19,7 @@ class InvConv1x1(nn.Module):
     mixing="lu": W = P L (U + diag(sign_s * exp(log_s))), initialized from the LU of a random rotation;
     log_det = sum(log_s) * H * W. mixing="reverse": the fixed channel reversal of the original BERT-flow
     config (log_det 0). mixing="random": a fixed random permutation (log_det 0).
-    In eval mode W and W^-1 are cached; the cache is dropped when parameters change or train() is called.
+    W and W^-1 are computed from the factors on every call, except inside `frozen()` (inference loops).
     """
 
     def __init__(self, channels: int, mixing: str = "lu"):
@@ -39,44 +42,49 @@ class InvConv1x1(nn.Module):
             self.register_buffer("perm", torch.arange(channels - 1, -1, -1))
         else:
             self.register_buffer("perm", torch.randperm(channels))
-        self._cache: dict[str, object] = {}
+        # W and W^-1 inside frozen() (None outside): computed once there, from the factors as they are then.
+        self._frozen: dict[str, torch.Tensor] | None = None
+        self.register_load_state_dict_post_hook(_forget_frozen)
 
     def _factors(self):
         return self.perm, self.lower, self.upper, self.sign_s, self.log_s
 
-    def _cache_key(self):
-        # id() as well: a replaced parameter can reuse a freed address with version 0.
-        return tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in self._factors())
-
-    def _cacheable(self) -> bool:
+    def _reuses(self) -> bool:
+        """Whether this call may reuse what frozen() computed: inside the block, when no gradient is needed."""
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-        return not self.training and not needs_grad
+        return self._frozen is not None and not needs_grad
 
-    def _cached(self, name: str, compute):
-        if not self._cacheable():
+    def _once(self, name: str, compute):
+        if not self._reuses():
             return compute()
-        key = self._cache_key()
-        if self._cache.get("key") != key:
-            self._cache = {"key": key}
-        if name not in self._cache:
-            self._cache[name] = compute()
-        return self._cache[name]
+        if name not in self._frozen:
+            self._frozen[name] = compute()
+        return self._frozen[name]
 
-    def train(self, mode: bool = True):
-        self._cache = {}
-        return super().train(mode)
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator["InvConv1x1"]:
+        """Inside the block, calls without gradients compute W (and W^-1) once and reuse them. Every other call
+        computes them from the factors as they are then, whatever wrote those (an optimizer, `.data`, a checkpoint);
+        inside the block a write is seen only through load_state_dict."""
+        if self._frozen is not None:
+            raise RuntimeError("InvConv1x1.frozen(): already inside a frozen() block of this layer")
+        self._frozen = {}
+        try:
+            yield self
+        finally:
+            self._frozen = None
 
     def weight(self):
         """(W [C, C], log |det W|)."""
         if self.mixing != "lu":
             raise ValueError(f"InvConv1x1.weight: mixing={self.mixing!r} is a fixed permutation with no LU weight")
-        return self._cached("weight", lambda: ops.lu_weight(*self._factors()))
+        return self._once("weight", lambda: ops.lu_weight(*self._factors()))
 
     def inverse_weight(self) -> torch.Tensor:
-        """W^-1 [C, C] in float64 from triangular solves on the factors (cached like weight())."""
+        """W^-1 [C, C] in float64 from triangular solves on the factors (reused inside frozen(), like weight())."""
         if self.mixing != "lu":
             raise ValueError(f"InvConv1x1.inverse_weight: mixing={self.mixing!r} is a fixed permutation")
-        return self._cached("inverse_weight", lambda: ops.lu_inverse_weight(*self._factors()))
+        return self._once("inverse_weight", lambda: ops.lu_inverse_weight(*self._factors()))
 
     def forward(self, x: torch.Tensor):
         check_input(x, self.channels, "InvConv1x1", like=self.perm)
@@ -96,9 +104,14 @@ class InvConv1x1(nn.Module):
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
         if self.mixing != "lu":
             return ops.permute_channels(y, torch.argsort(self.perm))
-        if self._cacheable():
+        if self._reuses():
             return ops.invconv(y, self.inverse_weight())
         return ops.invconv_inverse(y, *self._factors())
 
     def extra_repr(self) -> str:
         return f"{self.channels}, mixing={self.mixing!r}"
+
+
+def _forget_frozen(module: InvConv1x1, incompatible_keys) -> None:
+    if module._frozen is not None:   # a checkpoint loaded inside frozen() is seen by the next call
+        module._frozen.clear()

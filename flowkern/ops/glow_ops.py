@@ -29,7 +29,7 @@ BACKENDS = ("torch",) + _KERNEL_BACKENDS
 STEP_PARAMS = ("actnorm_bias", "actnorm_logs", "w1", "b1", "l1", "w2", "b2", "l2", "w3", "b3", "l3")
 # Columns of the int64 per-step meta table: offsets into the packed parameters / mixing buffers, then sizes.
 _META = ("off_actnorm_bias", "off_actnorm_logs", "off_w1", "off_b1", "off_l1", "off_w2", "off_b2", "off_l2",
-         "off_w3", "off_b3", "off_l3", "off_wmix", "off_bmix", "cond_channels", "level_channels", "unused")
+         "off_w3", "off_b3", "off_l3", "off_wmix", "off_bmix", "cond_channels", "level_channels", "z_offset")
 
 
 class GlowPlan:
@@ -38,7 +38,11 @@ class GlowPlan:
     level_channels: channels of each level; depth: steps per level; perms: one LongTensor per step (y = x[:, perm])
     for permutation mixing, or None for LU mixing. Channels keep one *physical* position for the whole flow;
     an_idx/cp_idx [steps, C] give each physical channel's ActNorm and coupling channel at each step (-1 once it
-    has been factored out), z_idx [C] its column in z.
+    has been factored out), z_idx [C] its column in z. `order` [2 * steps, C] lists the same by coupling channel
+    (what the Triton kernel loops over: the level's channels only): order[s, k] is the physical channel that is
+    coupling channel k at step s, order[steps + s, k] its ActNorm channel (k < the level's channels; 0 after).
+    Meta column z_offset: the first z column of the channels the step's level factors out (at the last level, of
+    its remaining channels).
     """
 
     def __init__(self, level_channels: list[int], depth: int, hidden: int, affine: bool,
@@ -55,6 +59,7 @@ class GlowPlan:
         an_idx = torch.full((steps, channels), -1, dtype=torch.int32)
         cp_idx = torch.full((steps, channels), -1, dtype=torch.int32)
         z_idx = torch.empty(channels, dtype=torch.int32)
+        order = torch.zeros((2 * steps, channels), dtype=torch.int32)
         meta = torch.zeros((steps, len(_META)), dtype=torch.int64)
         self.param_shapes: list[list[tuple[int, ...]]] = []
         physical = list(range(channels))  # physical position of each logical channel of the current level
@@ -69,6 +74,8 @@ class GlowPlan:
                     perm = self.perms[s].tolist()
                     physical = [physical[j] for j in perm]
                 cp_idx[s, physical] = torch.arange(cl, dtype=torch.int32)
+                order[s, :cl] = torch.tensor(physical, dtype=torch.int32)
+                order[steps + s, :cl] = an_idx[s, physical]
                 shapes = [(cl,), (cl,), (hidden, c1), (hidden,), (hidden,), (hidden, hidden), (hidden,), (hidden,),
                           (outputs, hidden), (outputs,), (outputs,)]
                 offsets = []
@@ -82,7 +89,7 @@ class GlowPlan:
                 if self.lu:
                     mix_offsets = [mix_total, mix_total + cl * cl]
                     mix_total += cl * cl + cl
-                meta[s] = torch.tensor(offsets + mix_offsets + [c1, cl, 0])
+                meta[s] = torch.tensor(offsets + mix_offsets + [c1, cl, z_offset])
                 self.param_shapes.append(shapes)
             if level < len(level_channels) - 1:
                 for j in range(c1, cl):
@@ -96,7 +103,7 @@ class GlowPlan:
         self.level_steps = [depth] * len(level_channels)
         self.meta_host = meta
         self.meta, self.an_idx = meta.to(device), an_idx.to(device)
-        self.cp_idx, self.z_idx = cp_idx.to(device), z_idx.to(device)
+        self.cp_idx, self.z_idx, self.order = cp_idx.to(device), z_idx.to(device), order.to(device)
         self.device = torch.device(device)
 
 
@@ -230,19 +237,26 @@ def glow_inverse_ref(z, plan: GlowPlan, params, mix):
 
 @torch.library.custom_op("flowkern::glow_fwd", mutates_args=())
 def _glow_fwd(x: torch.Tensor, params: torch.Tensor, mix: torch.Tensor, meta: torch.Tensor, an_idx: torch.Tensor,
-              cp_idx: torch.Tensor, z_idx: torch.Tensor, level_steps: list[int], level_channels: list[int],
+              cp_idx: torch.Tensor, z_idx: torch.Tensor, order: torch.Tensor, level_steps: list[int],
+              level_channels: list[int],
               hidden: int, affine: bool, lu: bool, logscale_factor: float, save: bool,
               impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(z, log_det, log_prior, mid, inp) from the packed parameter vector; mid and inp are what the backward needs
     (empty unless `save`). level_steps / level_channels (steps and channels per level) are for the backward, which
     needs them on the host: reading them from `meta` there would be a device sync."""
-    return backend.kernels(impl, "glow").glow_fwd(x, params, mix, meta, an_idx, cp_idx, z_idx, hidden, affine, lu,
-                                                  logscale_factor, save)
+    tables = _launcher_tables(impl, meta, an_idx, cp_idx, z_idx, order)
+    return backend.kernels(impl, "glow").glow_fwd(x, params, mix, *tables, hidden, affine, lu, logscale_factor, save)
+
+
+def _launcher_tables(impl: str, meta, an_idx, cp_idx, z_idx, order) -> tuple:
+    """The plan tables a backend's launchers take: the compiled CPU kernel works in physical channel order, the
+    Triton kernel by coupling channel over each level's active channels."""
+    return (meta, order) if impl == "triton" else (meta, an_idx, cp_idx, z_idx)
 
 
 @_glow_fwd.register_fake
-def _(x, params, mix, meta, an_idx, cp_idx, z_idx, level_steps, level_channels, hidden, affine, lu, logscale_factor,
-      save, impl):
+def _(x, params, mix, meta, an_idx, cp_idx, z_idx, order, level_steps, level_channels, hidden, affine, lu,
+      logscale_factor, save, impl):
     acc = compute_dtype(x.dtype)
     batch, channels = x.shape
     steps = meta.shape[0]
@@ -254,31 +268,31 @@ def _(x, params, mix, meta, an_idx, cp_idx, z_idx, level_steps, level_channels, 
 @torch.library.custom_op("flowkern::glow_bwd", mutates_args=())
 def _glow_bwd(dz: torch.Tensor, dlog_det: torch.Tensor, dlog_prior: torch.Tensor, z: torch.Tensor,
               params: torch.Tensor, mix: torch.Tensor, mid: torch.Tensor, inp: torch.Tensor, meta: torch.Tensor,
-              an_idx: torch.Tensor, cp_idx: torch.Tensor, z_idx: torch.Tensor, level_steps: list[int],
-              level_channels: list[int], hidden: int, affine: bool, lu: bool, logscale_factor: float,
-              impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              an_idx: torch.Tensor, cp_idx: torch.Tensor, z_idx: torch.Tensor, order: torch.Tensor,
+              level_steps: list[int], level_channels: list[int], hidden: int, affine: bool, lu: bool,
+              logscale_factor: float, impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dparams, dmix)."""
-    return backend.kernels(impl, "glow").glow_bwd(dz, dlog_det, dlog_prior, z, params, mix, mid, inp, meta, an_idx,
-                                                  cp_idx, z_idx, level_steps, level_channels, hidden, affine, lu,
-                                                  logscale_factor)
+    tables = _launcher_tables(impl, meta, an_idx, cp_idx, z_idx, order)
+    return backend.kernels(impl, "glow").glow_bwd(dz, dlog_det, dlog_prior, z, params, mix, mid, inp, *tables,
+                                                  level_steps, level_channels, hidden, affine, lu, logscale_factor)
 
 
 @_glow_bwd.register_fake
-def _(dz, dlog_det, dlog_prior, z, params, mix, mid, inp, meta, an_idx, cp_idx, z_idx, level_steps, level_channels,
-      hidden, affine, lu, logscale_factor, impl):
+def _(dz, dlog_det, dlog_prior, z, params, mix, mid, inp, meta, an_idx, cp_idx, z_idx, order, level_steps,
+      level_channels, hidden, affine, lu, logscale_factor, impl):
     return torch.empty_like(z, memory_format=torch.contiguous_format), torch.empty_like(params), torch.empty_like(mix)
 
 
 def _glow_setup_context(ctx, inputs, output):
-    (x, params, mix, meta, an_idx, cp_idx, z_idx, level_steps, level_channels, hidden, affine, lu, logscale_factor,
-     save, impl) = inputs
+    (x, params, mix, meta, an_idx, cp_idx, z_idx, order, level_steps, level_channels, hidden, affine, lu,
+     logscale_factor, save, impl) = inputs
     z, _, _, mid, inp = output
-    ctx.save_for_backward(z, params, mix, mid, inp, meta, an_idx, cp_idx, z_idx)
+    ctx.save_for_backward(z, params, mix, mid, inp, meta, an_idx, cp_idx, z_idx, order)
     ctx.levels = (list(level_steps), list(level_channels))
     ctx.hidden, ctx.affine, ctx.lu, ctx.logscale_factor, ctx.impl = hidden, affine, lu, logscale_factor, impl
 
 
-def _backward_kernel(dz, dlog_det, dlog_prior, z, params, mix, mid, inp, meta, an_idx, cp_idx, z_idx, levels,
+def _backward_kernel(dz, dlog_det, dlog_prior, z, params, mix, mid, inp, meta, an_idx, cp_idx, z_idx, order, levels,
                      hidden, affine, lu, logscale_factor, impl):
     """(dx, dparams, dmix) through the glow_bwd op, with autograd's None gradients made explicit."""
     if mid.numel() == 0:
@@ -289,14 +303,14 @@ def _backward_kernel(dz, dlog_det, dlog_prior, z, params, mix, mid, inp, meta, a
     dlog_det = z.new_zeros(z.shape[0], dtype=acc) if dlog_det is None else dlog_det.contiguous()
     dlog_prior = z.new_zeros(z.shape[0], dtype=acc) if dlog_prior is None else dlog_prior.contiguous()
     level_steps, level_channels = levels
-    return _glow_bwd(dz, dlog_det, dlog_prior, z, params, mix, mid, inp, meta, an_idx, cp_idx, z_idx, level_steps,
-                     level_channels, hidden, affine, lu, logscale_factor, impl)
+    return _glow_bwd(dz, dlog_det, dlog_prior, z, params, mix, mid, inp, meta, an_idx, cp_idx, z_idx, order,
+                     level_steps, level_channels, hidden, affine, lu, logscale_factor, impl)
 
 
 def _glow_backward(ctx, dz, dlog_det, dlog_prior, _dmid, _dinp):
     dx, dparams, dmix = _backward_kernel(dz, dlog_det, dlog_prior, *ctx.saved_tensors, ctx.levels, ctx.hidden,
                                          ctx.affine, ctx.lu, ctx.logscale_factor, ctx.impl)
-    return (dx, dparams, dmix if ctx.lu else None) + (None,) * 12
+    return (dx, dparams, dmix if ctx.lu else None) + (None,) * 13
 
 
 _glow_fwd.register_autograd(_glow_backward, setup_context=_glow_setup_context)
@@ -312,8 +326,8 @@ class _GlowFunction(torch.autograd.Function):
     def forward(ctx, x, mix, plan, save, impl, *params):
         packed = _concatenate(params)
         z, log_det, log_prior, mid, inp = _glow_fwd(x, packed, mix, plan.meta, plan.an_idx, plan.cp_idx, plan.z_idx,
-                                                    plan.level_steps, plan.level_channels, plan.hidden, plan.affine,
-                                                    plan.lu, plan.logscale_factor, save, impl)
+                                                    plan.order, plan.level_steps, plan.level_channels, plan.hidden,
+                                                    plan.affine, plan.lu, plan.logscale_factor, save, impl)
         ctx.save_for_backward(z, packed, mix, mid, inp)
         ctx.plan, ctx.impl, ctx.params = plan, impl, params
         return z, log_det, log_prior
@@ -323,7 +337,7 @@ class _GlowFunction(torch.autograd.Function):
         plan = ctx.plan
         z, packed, mix, mid, inp = ctx.saved_tensors
         dx, dpacked, dmix = _backward_kernel(dz, dlog_det, dlog_prior, z, packed, mix, mid, inp, plan.meta,
-                                             plan.an_idx, plan.cp_idx, plan.z_idx,
+                                             plan.an_idx, plan.cp_idx, plan.z_idx, plan.order,
                                              (plan.level_steps, plan.level_channels), plan.hidden, plan.affine,
                                              plan.lu, plan.logscale_factor, ctx.impl)
         dparams = _unflatten_dense_tensors(dpacked, ctx.params)
@@ -331,14 +345,14 @@ class _GlowFunction(torch.autograd.Function):
 
 @torch.library.custom_op("flowkern::glow_inv", mutates_args=())
 def _glow_inv(z: torch.Tensor, params: torch.Tensor, mix: torch.Tensor, meta: torch.Tensor, an_idx: torch.Tensor,
-              cp_idx: torch.Tensor, z_idx: torch.Tensor, hidden: int, affine: bool, lu: bool,
+              cp_idx: torch.Tensor, z_idx: torch.Tensor, order: torch.Tensor, hidden: int, affine: bool, lu: bool,
               logscale_factor: float, impl: str) -> torch.Tensor:
-    return backend.kernels(impl, "glow").glow_inv(z, params, mix, meta, an_idx, cp_idx, z_idx, hidden, affine, lu,
-                                                  logscale_factor)
+    tables = _launcher_tables(impl, meta, an_idx, cp_idx, z_idx, order)
+    return backend.kernels(impl, "glow").glow_inv(z, params, mix, *tables, hidden, affine, lu, logscale_factor)
 
 
 @_glow_inv.register_fake
-def _(z, params, mix, meta, an_idx, cp_idx, z_idx, hidden, affine, lu, logscale_factor, impl):
+def _(z, params, mix, meta, an_idx, cp_idx, z_idx, order, hidden, affine, lu, logscale_factor, impl):
     return torch.empty_like(z, memory_format=torch.contiguous_format)
 
 
@@ -379,8 +393,8 @@ def glow(x: torch.Tensor, plan: GlowPlan, params: list[torch.Tensor], mix: torch
     save = torch.is_grad_enabled() and (x.requires_grad or mix.requires_grad or any(p.requires_grad for p in params))
     if torch.compiler.is_compiling():   # traced: the custom op and its registered autograd
         z, log_det, log_prior, _, _ = _glow_fwd(x, _flatten(params), mix, plan.meta, plan.an_idx, plan.cp_idx,
-                                                plan.z_idx, plan.level_steps, plan.level_channels, plan.hidden,
-                                                plan.affine, plan.lu, plan.logscale_factor, save, impl)
+                                                plan.z_idx, plan.order, plan.level_steps, plan.level_channels,
+                                                plan.hidden, plan.affine, plan.lu, plan.logscale_factor, save, impl)
     else:
         z, log_det, log_prior = _GlowFunction.apply(x, mix, plan, save, impl, *params)
     if log_det_const is not None:
@@ -395,5 +409,5 @@ def glow_inverse(z: torch.Tensor, plan: GlowPlan, params: list[torch.Tensor], mi
     impl = backend.resolve(z, "glow_inverse", BACKENDS)
     if impl == "torch":
         return glow_inverse_ref(z, plan, params, mix)
-    return _glow_inv(z, _concatenate(params), mix, plan.meta, plan.an_idx, plan.cp_idx, plan.z_idx, plan.hidden, plan.affine,
-                     plan.lu, plan.logscale_factor, impl)
+    return _glow_inv(z, _concatenate(params), mix, plan.meta, plan.an_idx, plan.cp_idx, plan.z_idx, plan.order,
+                     plan.hidden, plan.affine, plan.lu, plan.logscale_factor, impl)

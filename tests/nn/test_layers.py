@@ -69,21 +69,29 @@ def test_state_dict_round_trip_is_exact_and_skips_ddi(coupling, mixing):
         "a training forward after loading must not re-run data-dependent init"
 
 
-def test_invconv_eval_cache_follows_parameter_updates():
+def test_invconv_reads_its_factors_on_every_call_outside_frozen():
     conv = randomize_(InvConv1x1(6, "lu")).eval()
     x = random_input(4, 6, False)
     with torch.no_grad():
         y1, _ = conv(x)
         assert rel_err(conv.inverse(y1), x) < 1e-5
-        conv.log_s.add_(0.5)  # an in-place optimizer-style update must invalidate the cached W and W^-1
+        conv.log_s.data.add_(0.5)  # a write no version counter sees
         y2, log_det = conv(x)
+        with conv.frozen():
+            assert torch.equal(conv(x)[0], y2)
+            assert rel_err(conv.inverse(y2), x) < 1e-5     # through W^-1
+            conv.log_s.data.add_(0.5)   # inside the block W and W^-1 are reused, as documented
+            assert torch.equal(conv(x)[0], y2)
+            assert rel_err(conv.inverse(y2), x) < 1e-5
+        y3, _ = conv(x)
     fresh = conv.train()
     y_ref, log_det_ref = fresh(x)
-    assert torch.equal(y2, y_ref.detach()) and not torch.allclose(y1, y2)
+    torch.testing.assert_close(y3, y_ref.detach())
+    assert not torch.allclose(y1, y2) and not torch.allclose(y2, y3)
+    conv.log_s.data.sub_(0.5)
+    y_ref, log_det_ref = fresh(x)
+    torch.testing.assert_close(y2, y_ref.detach())
     torch.testing.assert_close(log_det, log_det_ref.detach())
-    conv.eval()
-    with torch.no_grad():
-        assert rel_err(conv.inverse(y2), x) < 1e-5
 
 
 def test_invconv_eval_keeps_gradients_when_they_are_needed():

@@ -1,4 +1,6 @@
 """x -> (z, log_det) -> x for every layer and for Glow; float32 <= 1e-5, float64 <= 1e-10 relative error."""
+import contextlib
+
 import pytest
 import torch
 
@@ -99,11 +101,14 @@ def _check_glow_round_trip(channels, batch, image, coupling, mixing, dtype):
     flow = randomize_(Glow(channels, levels=3 if not image else 2, depth=2, hidden=16, coupling=coupling,
                            mixing=mixing, image=image), scale=0.05).to(dtype)
     x = random_input(batch, channels, image, dtype, hw=(4, 8))
-    for mode in (True, False):  # train mode: triangular solves; eval mode: the cached inverse weight
+    # Train and eval: triangular solves; inside frozen(): the LU layers' reused inverse weights (the fused path's
+    # packed inverse).
+    for mode, frozen in ((True, False), (False, False), (False, True)):
         flow.train(mode)
-        z, log_det = flow(x)
-        assert z.shape == x.shape and log_det.shape == (batch,) and log_det.dtype == dtype
-        assert rel_err(flow.inverse(z), x) <= TOLERANCE[dtype]
+        with flow.frozen() if frozen else contextlib.nullcontext(), torch.set_grad_enabled(not frozen):
+            z, log_det = flow(x)
+            assert z.shape == x.shape and log_det.shape == (batch,) and log_det.dtype == dtype
+            assert rel_err(flow.inverse(z), x) <= TOLERANCE[dtype]
 
 
 def test_glow_pixelwise_on_images_without_squeeze():

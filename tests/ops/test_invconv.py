@@ -310,11 +310,11 @@ def test_flow_step_runs_ddi_unfused_then_fuses(monkeypatch):
     assert_close(y, y_ref.double(), torch.float32, terms=10)
     assert_close(log_det, log_det_ref.double(), torch.float32, terms=10)
 
-    # Eval mode: W is computed once and cached.
+    # Inside frozen(), W is computed once; outside, on every call.
     flowkern.set_backend("triton")
     step.eval()
     before = calls.counts["lu_weight_fwd"]
-    with torch.no_grad():
+    with torch.no_grad(), step.mixing.frozen():
         step(x)
         step(x)
     assert calls.counts["lu_weight_fwd"] == before + 1
