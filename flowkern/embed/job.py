@@ -80,8 +80,9 @@ class Embedder:
 
     def embed_batches(self, batches, rows: int) -> np.ndarray:
         outputs = []
-        # No per-batch NaN/Inf scan of the pooled vectors: on a GPU each would wait for the device.
-        with finite_checks(False):
+        # No per-batch NaN/Inf scan of the pooled vectors: on a GPU each would wait for the device. The flow's
+        # parameters are packed once for the window.
+        with finite_checks(False), self.model.flow.frozen():
             for batch in batches:
                 vectors = self.encoder.pool_tokens(batch.input_ids, batch.attention_mask)
                 if not self.pooled:

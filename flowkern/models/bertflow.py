@@ -176,7 +176,7 @@ class BertFlow:
         if x.ndim != 2 or x.shape[1] != self.encoder.dim:
             raise ValueError(f"expected embeddings of shape [N, {self.encoder.dim}], got {tuple(x.shape)}")
         self.flow.eval()
-        with torch.no_grad():
+        with torch.no_grad(), self.flow.frozen():   # the parameters are packed once for all chunks
             z = torch.cat([self.flow(chunk.to(self.device, torch.float32))[0]
                            for chunk in x.split(TRANSFORM_BATCH)]) if len(x) else x.to(self.device, torch.float32)
         return z.cpu().numpy() if as_numpy else z.to(x.device)

@@ -222,9 +222,11 @@ class Glow(nn.Module):
         The fused path otherwise packs them on every call: a concatenation of ~100 small tensors, and for LU flows
         the [C, C] weight assembly (W = P L U, its inverse for `inverse`), which costs more than the flow itself at
         small batches on CPU. Use it for inference loops over a flow whose parameters the block does not change:
-        a write to them inside the block (even through `.data`) is not seen until the block ends."""
-        if self._frozen_packs is not None:
-            raise RuntimeError("Glow.frozen(): already inside a frozen() block of this flow")
+        a write to them inside the block (even through `.data`) is not seen until the block ends, except a
+        load_state_dict. Blocks nest: an inner block's end leaves the outer one in force."""
+        if self._frozen_packs is not None:   # nested: the outer block's packing stands until the outer block ends
+            yield self
+            return
         with contextlib.ExitStack() as mixings:   # the per-op path's LU weights too
             for module in self.modules():
                 if isinstance(module, InvConv1x1):

@@ -66,8 +66,9 @@ class InvConv1x1(nn.Module):
         """Inside the block, calls without gradients compute W (and W^-1) once and reuse them. Every other call
         computes them from the factors as they are then, whatever wrote those (an optimizer, `.data`, a checkpoint);
         inside the block a write is seen only through load_state_dict."""
-        if self._frozen is not None:
-            raise RuntimeError("InvConv1x1.frozen(): already inside a frozen() block of this layer")
+        if self._frozen is not None:   # nested: the outer block's W stands until the outer block ends
+            yield self
+            return
         self._frozen = {}
         try:
             yield self
