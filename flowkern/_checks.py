@@ -7,29 +7,40 @@ torch.compile traces.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from typing import Iterator
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_finite_checks = True
+# The user's process-wide setting, and a context-local override for library code (the Embedder, TrainStep) that
+# skips the scan for its own calls: a ContextVar, so one thread's `with finite_checks(False)` leaves the checks on
+# in every other thread and task.
+_finite_checks_default = True
+_finite_checks_override: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
+    "flowkern_finite_checks", default=None)
 
 
 def set_finite_checks(enabled: bool) -> None:
-    """Enable or disable the NaN/Inf scan of layer inputs (on by default)."""
-    global _finite_checks
-    _finite_checks = bool(enabled)
+    """Enable or disable the NaN/Inf scan of layer inputs for the whole process (on by default)."""
+    global _finite_checks_default
+    _finite_checks_default = bool(enabled)
 
 
 @contextlib.contextmanager
 def finite_checks(enabled: bool) -> Iterator[None]:
-    """set_finite_checks(enabled) inside a with-block, then the previous setting."""
-    global _finite_checks
-    previous, _finite_checks = _finite_checks, bool(enabled)
+    """Enable or disable the NaN/Inf scan inside a with-block, for this thread (or asyncio task) only."""
+    token = _finite_checks_override.set(bool(enabled))
     try:
         yield
     finally:
-        _finite_checks = previous
+        _finite_checks_override.reset(token)
+
+
+def finite_checks_enabled() -> bool:
+    """Whether layer inputs are scanned for NaN/Inf here: this context's override, else the process setting."""
+    local = _finite_checks_override.get()
+    return _finite_checks_default if local is None else local
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -51,5 +62,6 @@ def check_input(x: torch.Tensor, channels: int, where: str, like: torch.Tensor |
         raise ValueError(f"{where}: empty batch, shape {tuple(x.shape)}")
     if like is not None and x.device != like.device:
         raise ValueError(f"{where}: input is on {x.device} but the layer's parameters are on {like.device}")
-    if _finite_checks and not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
+    # is_compiling first: torch.compile never reads the ContextVar (a graph break) and skips the scan anyway.
+    if not torch.compiler.is_compiling() and finite_checks_enabled() and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{where}: input contains NaN or Inf")

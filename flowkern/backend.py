@@ -10,6 +10,7 @@ Backends:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib
 import importlib.util
 import os
@@ -29,9 +30,15 @@ _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
 # were no faster than eager torch in two of three runs; inside the whole-Glow kernel they are fused).
 _AUTO_SKIP = {("cpu", "cpp"): frozenset({"coupling", "coupling_inverse", "mlp_coupling", "mlp_coupling_inverse"})}
 
-# A plain module global, not a ContextVar: torch.compile (dynamo) traces a global read and guards on its value,
-# so a compiled model recompiles when the backend changes, while a ContextVar read breaks the graph.
+# The user's process-wide choice is a plain module global, not a ContextVar: torch.compile (dynamo) traces a
+# global read and guards on its value, so a compiled model recompiles when the backend changes, while a
+# ContextVar read breaks the graph.
 _current = "auto"
+# Library code (a model's reference path, an integration) must not switch the user's choice for the whole process,
+# so it scopes its own calls with `override`: a ContextVar, seen only by its own thread / asyncio task. It is read
+# in eager mode only (see `current`), so compiled graphs never read it and keep tracing the global alone; code that
+# needs a backend inside torch.compile takes the user's choice, or compiles under `use_backend`.
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("flowkern_backend_override", default=None)
 
 
 def _load_extension():
@@ -106,7 +113,8 @@ def set_backend(name: str) -> None:
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Choose the backend inside a with-block (process-wide, like set_backend), then restore the previous one."""
+    """Choose the backend inside a with-block (process-wide, like set_backend), then restore the previous one.
+    For the user's own code; library code scopes its calls with `override`, which leaves other threads alone."""
     global _current
     _check_name(name)
     previous, _current = _current, name
@@ -116,7 +124,24 @@ def use_backend(name: str) -> Iterator[None]:
         _current = previous
 
 
+@contextlib.contextmanager
+def override(name: str) -> Iterator[None]:
+    """Run this thread's (or asyncio task's) eager ops on backend `name` inside a with-block, without touching
+    the process-wide choice other threads see; the way for library code to pick a backend for its own calls."""
+    _check_name(name)
+    token = _override.set(name)
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
 def current() -> str:
+    """The backend ops resolve: this context's `override` in eager mode, else the process-wide choice."""
+    if not torch.compiler.is_compiling():
+        local = _override.get()
+        if local is not None:
+            return local
     return _current
 
 

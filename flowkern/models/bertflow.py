@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
-import flowkern
+from flowkern.backend import override as override_backend
 from flowkern.models.encoder import DEFAULT_MAX_LENGTH, DEFAULT_POOLING, SentenceEncoder
 from flowkern.nn import Glow, TrainStep
 
@@ -117,7 +117,8 @@ class BertFlow:
                 pooled = self.encoder.pool_batch([sentences[i] for i in indices.tolist()], reference=True)
                 encode_seconds += time.perf_counter() - t0
                 return pooled
-            backend = flowkern.use_backend("torch")
+            # This fit's own ops only: the user's process-wide backend choice stays as it is for other threads.
+            backend = override_backend("torch")
         else:
             cached = self.encoder.encode(sentences, encode_batch_size, progress)
             encode_seconds = time.perf_counter() - started
