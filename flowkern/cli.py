@@ -11,7 +11,11 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
+from flowkern._extras import require_extra
+
+require_extra("bertflow", "the flowkern command", "numpy", "transformers")
+
+import numpy as np  # noqa: E402  (after the check, so a missing extra is named, not a missing numpy)
 import torch
 
 from flowkern.data import SETTINGS, TASKS, DataDirError, fit_sentences, load_task, task_spec

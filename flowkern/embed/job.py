@@ -28,13 +28,13 @@ import numpy as np
 import torch
 
 from flowkern._checks import finite_checks
-from flowkern.embed.feeder import Prefetcher, default_batch_tokens, token_batches
 from flowkern.embed.identity import FileDigests, compute_identity, encoder_identity, json_sha256, rows_sha256
 from flowkern.embed.reader import input_files, iter_rows
 from flowkern.embed.store import (FORMAT, FORMAT_VERSION, MANIFEST, OUTPUT_FORMATS, OutputLock, damaged_file,
                                   marker_path, read_json, read_manifest, read_output, remove_shard,
                                   remove_stale_temporaries, write_json, write_shard)
 from flowkern.embed.workers import exit_if_orphaned, run_workers
+from flowkern.models.batching import Prefetcher, default_batch_tokens, token_batches
 
 __all__ = ["DEFAULT_SHARD_ROWS", "EmbedReport", "Embedder", "embed", "read_output"]
 
@@ -61,7 +61,7 @@ class EmbedReport:
 
 
 class Embedder:
-    """A loaded BertFlow turning windows of texts into embeddings (numpy, input order) through the feeder:
+    """A loaded BertFlow turning windows of texts into embeddings (numpy, input order) through the token batching:
     tokenized once, length-sorted token-budget batches, pinned host memory and asynchronous copies on GPU, the
     flow applied on the device. Shared by the job, the Ray Data predictor and anyone embedding in-process."""
 

@@ -19,6 +19,8 @@ import zlib
 from pathlib import Path
 from typing import BinaryIO, Iterator, Sequence
 
+from flowkern._extras import require_extra
+
 INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet", ".txt.gz", ".jsonl.gz")
 ACCEPTED = ".txt, .jsonl, .parquet (any letter case; .txt and .jsonl also gzip-compressed as .txt.gz, .jsonl.gz)"
 _PARQUET_BATCH = 8192
@@ -170,10 +172,9 @@ def _jsonl_rows(path: Path, name: str, field: str, id_column: str | None) -> Ite
 
 
 def _parquet_rows(path: Path, name: str, column: str, id_column: str | None) -> Iterator[tuple[str, str]]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ImportError("reading .parquet input needs pyarrow: pip install pyarrow") from None
+    require_extra("embed", "reading .parquet input", "pyarrow")
+    import pyarrow.parquet as pq
+
     try:
         handle = pq.ParquetFile(path)
     except Exception as error:  # pyarrow raises its own ArrowInvalid for a damaged file

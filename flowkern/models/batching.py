@@ -1,4 +1,5 @@
-"""Keeping the encoder fed: tokenization ahead of it, token-budget batches over length-sorted windows.
+"""Keeping the encoder fed: tokenization ahead of it, token-budget batches over length-sorted windows. Shared by
+SentenceEncoder.encode and the embedding job (flowkern.embed), which sits above this layer.
 
 `token_batches` turns a window of texts into padded batches whose padded size (rows x longest row) stays under a
 token budget, so short sentences go in big batches and long ones in small ones with little padding. `Prefetcher`
