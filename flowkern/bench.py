@@ -2,7 +2,7 @@
 Markdown table and prints the rows with the device, versions and measured copy bandwidth.
 
     flowkern bench                      # every case (CUDA when available, else CPU), results in ./flowkern-bench/
-    flowkern bench --quick              # the headline cases in about a minute
+    flowkern bench --quick              # the headline cases within a 60 s budget
     flowkern bench --json out/run.json  # the JSON there, the Markdown beside it
     flowkern bench --jsonl out/rows.jsonl --suite glow  # one JSON line per timing, appended as it is measured
     flowkern bench --smoke              # tiny sizes on CPU: checks the harness itself
@@ -253,15 +253,33 @@ GLOW_CONFIGS = [(768, 3, 3, 32, "additive", "reverse"), (768, 3, 3, 32, "affine"
 COMPILED_RO = "torch.compile-ro"
 FUSED_STEP = "fused+TrainStep"
 CUDA_OPS = "cuda-ops"
+CPP_OPS, CPP_FUSED, CPP_FUSED_STEP = "cpp-ops", "cpp-fused", "cpp-fused+TrainStep"
 # The whole-Glow variants: the torch backend eager, compiled (default and "reduce-overhead", i.e. CUDA graphs),
 # the per-op Triton kernels (Glow.fuse = False), the fused Glow, and the fused Glow inside flowkern.TrainStep;
-# plus the per-op compiled CUDA kernels where flowkern._C is built with CUDA (glow_variants).
+# plus the per-op compiled CUDA kernels where flowkern._C is built with CUDA (glow_variants). On CPU the same
+# with the C++ kernels (cpp); the Triton ones are listed there too, to be reported as skipped with the reason.
 GLOW_VARIANTS = ("torch", COMPILED, COMPILED_RO, "triton-ops", "fused", FUSED_STEP)
-GLOW_BACKENDS = {CUDA_OPS: "cuda", "torch": "torch", COMPILED: "torch", COMPILED_RO: "torch"}   # else triton
+CPU_GLOW_VARIANTS = ("torch", COMPILED, CPP_OPS, CPP_FUSED, CPP_FUSED_STEP, "triton-ops", "fused", FUSED_STEP)
+GLOW_BACKENDS = {CUDA_OPS: "cuda", "torch": "torch", COMPILED: "torch", COMPILED_RO: "torch",
+                 CPP_OPS: "cpp", CPP_FUSED: "cpp", CPP_FUSED_STEP: "cpp"}   # else triton
+FUSED_VARIANTS = ("fused", FUSED_STEP, CPP_FUSED, CPP_FUSED_STEP)
+STEP_VARIANTS = (FUSED_STEP, CPP_FUSED_STEP)
 
 
 def glow_variants(device) -> tuple[str, ...]:
+    if device.type != "cuda":
+        return CPU_GLOW_VARIANTS
     return GLOW_VARIANTS + ((CUDA_OPS,) if backend.usable_on("cuda", device) else ())
+
+
+def why_not_here(variant: str, device) -> str | None:
+    """Why a whole-Glow variant cannot run on this device (None: it can)."""
+    name = GLOW_BACKENDS.get(variant, "triton")
+    if backend.usable_on(name, device):
+        return None
+    if name in flowkern.backends():
+        return f"the {name} backend does not run {device.type} tensors"
+    return f"the {name} backend is not usable here: {backend._why_unusable(name)}"
 
 
 def _glow_model(config, batch: int, dtype: torch.dtype, device):
@@ -286,7 +304,7 @@ def glow_cases(batches, dtypes, device, compiler: Compiler, configs=GLOW_CONFIGS
                     def setup(variant, config=config, batch=batch, dtype=dtype, mode=mode):
                         model, x = _glow_model(config, batch, dtype, device)
                         backend_name = GLOW_BACKENDS.get(variant, "triton")
-                        model.fuse = variant.startswith("fused")
+                        model.fuse = variant in FUSED_VARIANTS
                         key = f"glow.{config[4]}.{config[5]}/{mode}/{variant}"
                         compile_mode = "reduce-overhead" if variant == COMPILED_RO else None
                         if mode == "inference":
@@ -299,11 +317,11 @@ def glow_cases(batches, dtypes, device, compiler: Compiler, configs=GLOW_CONFIGS
                                     return forward(x)
                             return infer
                         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
-                        if variant == FUSED_STEP:
+                        if variant in STEP_VARIANTS:
                             step = TrainStep(model, optimizer, clip_norm=1.0)
 
                             def graphed_step():
-                                with flowkern.use_backend("triton"):
+                                with flowkern.use_backend(backend_name):
                                     return step(x)
                             return graphed_step
 
@@ -322,7 +340,7 @@ def glow_cases(batches, dtypes, device, compiler: Compiler, configs=GLOW_CONFIGS
                             return value
                         return train_step
                     name = f"Glow({', '.join(repr(v) for v in config)})"
-                    wanted = [v for v in variants if not (mode == "inference" and v == FUSED_STEP)]
+                    wanted = [v for v in variants if not (mode == "inference" and v in STEP_VARIANTS)]
                     cases.append(Case("glow", name, (batch, config[0]), dtype, mode, setup, variants=wanted))
     return cases
 
@@ -422,6 +440,7 @@ def resolve_encoder(name_or_path: str | None) -> tuple[str | None, str]:
 class Timer:
     def __init__(self, device: torch.device, warmup_ms: int, rep_ms: int, cpu_reps: int):
         self.device, self.warmup_ms, self.rep_ms, self.cpu_reps = device, warmup_ms, rep_ms, cpu_reps
+        self.deadline = math.inf   # time.monotonic() after which CPU timing stops at the samples it has
 
     def median_ms(self, fn: Callable[[], object]) -> float:
         if self.device.type == "cuda":
@@ -430,6 +449,8 @@ class Timer:
         fn()
         samples = []
         for _ in range(self.cpu_reps):
+            if samples and time.monotonic() > self.deadline:
+                break
             start = time.perf_counter()
             fn()
             samples.append((time.perf_counter() - start) * 1e3)
@@ -686,13 +707,11 @@ def glow_suite(args, device: torch.device, compiler: Compiler) -> list[Case]:
     compiled = () if args.no_compile else COMPILED_VARIANTS
     variants = tuple(v for v in glow_variants(device) if v not in COMPILED_VARIANTS or v in compiled)
     if args.smoke:
-        if not backend.usable_on("triton", device):
-            variants = tuple(v for v in variants if GLOW_BACKENDS.get(v) == "torch")
         return glow_cases([8], [fp32], device, compiler, configs=SMOKE_GLOW_CONFIGS, variants=variants)
-    # Both batch ends in fp32, then in bf16, then B=4096; the compiled variants (tens of seconds of compilation
-    # each on cold caches) after all the others, so that the budget cuts them first.
+    # Both batch ends in fp32, then in bf16, then the middle; the compiled variants (tens of seconds of compilation
+    # each on cold caches) after all the others, so that the budget cuts them first. On CPU B=65536 comes last.
     uncompiled = tuple(v for v in variants if v not in compiled)
-    ends, middle = [64, 65536], [4096]
+    ends, middle = ([64, 65536], [4096]) if device.type == "cuda" else ([64, 4096], [65536])
     return (glow_cases(ends, [fp32], device, compiler, variants=uncompiled)
             + glow_cases(ends, [bf16], device, compiler, variants=uncompiled)
             + glow_cases(middle, [fp32, bf16], device, compiler, variants=uncompiled)
@@ -737,8 +756,13 @@ SUITE_PLANS = {"glow": glow_suite, "models": models_suite, "ops": ops_suite, "cu
 def plan(args, device: torch.device, compiler: Compiler) -> list[Case]:
     """All cases of the chosen suites, most important first (the time budget cuts from the end)."""
     if args.quick:   # the whole Glow at both ends of the batch range, host overhead, the headline op shape
-        return (glow_cases([64, 65536], [torch.float32], device, compiler,
-                           variants=tuple(v for v in glow_variants(device) if v not in COMPILED_VARIANTS))
+        glow = tuple(v for v in glow_variants(device) if v not in COMPILED_VARIANTS)
+        if device.type != "cuda":   # CPU: B=64 and B=4096 inference (an eager B=65536 train step takes minutes)
+            return (glow_cases([64], [torch.float32], device, compiler, variants=glow)
+                    + glow_cases([4096], [torch.float32], device, compiler, modes=("inference",), variants=glow)
+                    + dispatch_cases(device)
+                    + op_cases([(4096, 768)], [torch.float32], device, compiler))
+        return (glow_cases([64, 65536], [torch.float32], device, compiler, variants=glow)
                 + dispatch_cases(device)
                 + op_cases([(65536, 768)], [torch.float32, torch.bfloat16], device, compiler))
     return [case for suite in args.suite for case in SUITE_PLANS[suite](args, device, compiler)]
@@ -814,6 +838,8 @@ def warm_shard(cases: list[Case], variants: list[str], shard: tuple[int, int], d
         if case.family in ("fit", "embed"):   # nothing to compile ahead; a fit is a run of its own
             continue
         for variant in case.variants or variants:
+            if case.family == "glow" and why_not_here(variant, device):   # the timed run reports it as skipped
+                continue
             group = groups.setdefault((case.name, case.dtype, case.mode, variant), len(groups))
             if group % count != index or time.time() > last_start:
                 continue
@@ -835,7 +861,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="flowkern bench", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="the headline cases only (whole Glow at B=64 and 65536, host overhead, ops at 65536x768)")
+                        help="the headline cases only (whole Glow at B=64 and 65536, host overhead, ops at 65536x768; "
+                             "on CPU: whole Glow at B=64 and 4096 inference, ops at 4096x768)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU: checks the harness, not speed")
     parser.add_argument("--suite", type=_suite_list, default=DEFAULT_SUITES,
                         help=f"comma-separated, run in this order: {', '.join(SUITES)} (default: "
@@ -944,12 +971,23 @@ def main(argv=None) -> int:
     for reason in left_out:
         print(f"left out: {reason}", flush=True)
         record_skipped(reason)
+    timer.deadline = started + args.budget_s
+    not_here: set[str] = set()   # variants that cannot run on this device, reported once each
     for case in cases:
         label = _label(case)
-        if time.monotonic() - started > args.budget_s:
+        if time.monotonic() > timer.deadline:
             record_skipped(label)
             continue
         for variant in case.variants or variants:
+            why = why_not_here(variant, device) if case.family == "glow" else None
+            if why or time.monotonic() > timer.deadline:
+                if why and variant not in not_here:
+                    not_here.add(variant)
+                    print(f"skipped {variant}: {why}", flush=True)
+                    record_skipped(f"{variant}: {why}")
+                elif not why:
+                    record_skipped(f"{label} [{variant}]: over the time budget")
+                continue
             row = run_case(case, variant, timer, copy_gbs)
             row["finished_at"] = datetime.datetime.now().isoformat(timespec="seconds")
             results.append(row)

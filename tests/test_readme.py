@@ -2,10 +2,11 @@
 
 A block is skipped only when the line before its fence marks it: `<!-- not run: REASON -->` (it needs a GPU, the
 network, ...; the reason is required) or `<!-- run when importable: MODULE -->` (run when MODULE imports here,
-e.g. the Ray Data example)."""
+e.g. the Ray Data example). Also what the README says of `flowkern bench` on a CPU."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -87,3 +88,29 @@ def test_readme_python_blocks_run_in_order_on_cpu(tmp_path):
     assert done.returncode == 0, (f"a README block failed (skipped: {skipped}):\n{done.stderr[-6000:]}\n"
                                   f"stdout:\n{done.stdout[-2000:]}")
     assert (work / "model" / "flow.safetensors").is_file() and (work / "embeddings" / "manifest.json").is_file()
+
+
+def test_bench_on_cpu_as_the_readme_says(tmp_path):
+    """`flowkern bench` on a CPU: the whole Glow on torch and the C++ kernels (per op, fused, fused in TrainStep),
+    the variants that cannot run here skipped with the reason (not errors), exit status 0. --smoke sizes, the
+    code path of --quick."""
+    import torch
+
+    from flowkern import backend
+    if not backend.usable_on("cpp", torch.device("cpu")):
+        pytest.skip("the compiled extension flowkern._C is not built")
+    report_path = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run([sys.executable, "-m", "flowkern", "bench", "--smoke", "--suite", "glow", "--no-compile",
+                           "--device", "cpu", "--json", str(report_path)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=DEADLINE_S)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    assert [r for r in report["results"] if r["status"] != "ok"] == []
+    timed = {(r["mode"], r["variant"]) for r in report["results"]}
+    for mode in ("inference", "train_step"):
+        assert {(mode, "torch"), (mode, "cpp-ops"), (mode, "cpp-fused")} <= timed, timed
+    assert ("train_step", "cpp-fused+TrainStep") in timed
+    for variant in ("triton-ops", "fused", "fused+TrainStep"):
+        assert any(s.startswith(f"{variant}: ") and "CUDA" in s for s in report["skipped"]), report["skipped"]
