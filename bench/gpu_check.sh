@@ -8,7 +8,7 @@
 #   bash bench/gpu_check.sh                # run it; files in bench/results/<date>-<gpu>/
 #   OUT=/some/dir bash bench/gpu_check.sh  # files written into $OUT as they grow (and copied to bench/results/
 #                                          # <date>-<gpu>/ after each phase)
-#   bash bench/gpu_check.sh --quick        # iterating: `flowkern bench --quick` only (about a minute)
+#   bash bench/gpu_check.sh --quick        # iterating: `flowkern bench --quick` only (its 60 s case budget)
 #
 # The phases, in order (--dry-run prints them with their budgets and commands): preflight (device, versions; the
 # CUDA extension starts building in the background, for this GPU's arch only); warm (the headline's Triton kernels

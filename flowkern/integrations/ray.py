@@ -4,7 +4,7 @@
     from flowkern.integrations.ray import BertFlowPredictor
     ds = ray.data.read_parquet("s3://corpus/").map_batches(
         BertFlowPredictor, fn_constructor_kwargs={"model_dir": "model/", "column": "text"},
-        concurrency=4, num_gpus=1, batch_size=4096)
+        compute=ray.data.ActorPoolStrategy(size=4), num_gpus=1, batch_size=4096, batch_format="numpy")
 
 The model is loaded once per actor; each batch of texts goes through the same token batching as `flowkern embed`
 (length-sorted token-budget batches, flow on the device). Ray itself is only needed by the caller.
