@@ -83,3 +83,15 @@ def test_set_finite_checks_is_process_wide_and_a_block_overrides_it():
     with finite_checks(True):
         assert scans_for_nan()
     assert not scans_for_nan()
+
+
+def test_ddi_suspended_in_one_thread_still_initializes_in_another():
+    from flowkern.nn import ActNorm
+    from flowkern.nn.actnorm import suspend_ddi
+
+    layer = ActNorm(3)
+    with suspend_ddi():
+        assert not layer.ddi_pending()
+        assert in_another_thread(layer.ddi_pending)
+        in_another_thread(lambda: layer(torch.randn(8, 3) * 5 + 2))
+    assert bool(layer.initialized) and not layer.ddi_pending()

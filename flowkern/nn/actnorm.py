@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from typing import Iterator
 
 import torch
@@ -32,7 +33,10 @@ class ActNorm(nn.Module):
 
     def ddi_pending(self) -> bool:
         """Whether the next call runs the data-dependent init (only the unfused ActNorm forward does it)."""
-        if not self.training or self._known_initialized or _ddi_suspended:
+        if not self.training or self._known_initialized:
+            return False
+        # Compiled graphs never read the ContextVar (a graph break); a pending init breaks the graph anyway.
+        if not torch.compiler.is_compiling() and _ddi_suspended.get():
             return False
         if bool(self.initialized):  # set by a checkpoint: read once (a host sync on GPU), then remembered
             self._known_initialized = True
@@ -77,19 +81,19 @@ def _forget_initialized(module: ActNorm, incompatible_keys) -> None:
     module._known_initialized = False
 
 
-_ddi_suspended = False
+# Context-local: one thread's inverse pass must not skip another thread's (or task's) data-dependent init.
+_ddi_suspended: contextvars.ContextVar[bool] = contextvars.ContextVar("flowkern_ddi_suspended", default=False)
 
 
 @contextlib.contextmanager
 def suspend_ddi() -> Iterator[None]:
-    """No data-dependent init inside: inverse passes run coupling subnets on latents, which must not set
-    the init meant for data."""
-    global _ddi_suspended
-    previous, _ddi_suspended = _ddi_suspended, True
+    """No data-dependent init inside (this thread / task only): inverse passes run coupling subnets on latents,
+    which must not set the init meant for data."""
+    token = _ddi_suspended.set(True)
     try:
         yield
     finally:
-        _ddi_suspended = previous
+        _ddi_suspended.reset(token)
 
 
 def zero_log_det(x: torch.Tensor) -> torch.Tensor:
