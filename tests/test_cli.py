@@ -159,3 +159,20 @@ def test_text_file_errors(tiny_bert, tmp_path):
     empty.write_text("\n  \n")
     result = flowkern("fit", "--text", empty, "--out", tmp_path / "m", "--encoder", tiny_bert, check=False)
     assert result.returncode == 1 and "empty corpus" in result.stderr
+
+
+
+def test_demo_times_the_eager_path_on_a_stated_number_of_steps(tiny_bert, sts_data_dir, tmp_path):
+    out = tmp_path / "demo"
+    result = flowkern("demo", "--encoder", tiny_bert, "--tasks", "stsb", "--max-pairs", "60", "--eager-steps", "2",
+                      "--random-pairs", "100", "--out-dir", out, "--data-dir", sts_data_dir)
+    timing = json.loads((out / "results.json").read_text())["timing"]
+    assert timing["eager_steps"] == 2 and timing["fast"]["steps"] == 6  # the fast path's full fit: 360 / 64
+    assert timing["eager"]["path"] == "eager" and timing["eager"]["steps"] == 2
+    assert timing["fast_same_steps"]["path"] == "fast" and timing["fast_same_steps"]["steps"] == 2
+    assert timing["eager_over_fast"] == pytest.approx(
+        timing["eager"]["total_seconds"] / timing["fast_same_steps"]["total_seconds"])
+    assert "first 2 steps (same batches), eager path" in result.stdout and "for 2 steps" in result.stdout
+    bad = flowkern("demo", "--encoder", tiny_bert, "--eager-steps", "0", "--out-dir", out,
+                   "--data-dir", sts_data_dir, check=False)
+    assert bad.returncode != 0 and "--eager-steps must be positive" in bad.stderr

@@ -91,7 +91,7 @@ class BertFlow:
 
     def fit(self, sentences: Sequence[str], epochs: int = 1, batch_size: int = 64, lr: float = 1e-3,
             weight_decay: float = 0.01, clip_norm: float = 1.0, seed: int = 0, reference: bool = False,
-            encode_batch_size: int = 128, progress: bool = False) -> FitReport:
+            encode_batch_size: int = 128, progress: bool = False, max_steps: int | None = None) -> FitReport:
         """Fit the flow by maximum likelihood (bits/dim) on unlabelled sentences; returns a FitReport.
 
         AdamW (eps 1e-6, decoupled weight decay on every flow parameter, as the original's
@@ -99,7 +99,8 @@ class BertFlow:
         global grad-norm clipping. The first batch initializes ActNorm from data. Fast path: pooled
         embeddings of the distinct sentences are computed once and cached. ``reference=True``: the
         original recipe, the encoder re-run on every batch padded to max_length with dropout on, and the
-        flow on the eager torch backend.
+        flow on the eager torch backend. ``max_steps``: stop after that many steps (the first batches of the
+        same shuffled order), for timing a path on a stated number of steps.
         """
         sentences = [sentences] if isinstance(sentences, str) else list(sentences)
         if len(sentences) < 2:
@@ -108,6 +109,8 @@ class BertFlow:
                              "need at least 2 sentences to fit the flow, got 1")
         if epochs < 1 or batch_size < 1:
             raise ValueError(f"epochs and batch_size must be positive, got {epochs} and {batch_size}")
+        if max_steps is not None and max_steps < 1:
+            raise ValueError(f"max_steps must be positive, got {max_steps}")
         started = time.perf_counter()
         encode_seconds = 0.0
         if reference:
@@ -139,8 +142,9 @@ class BertFlow:
                          graphs=False if reference else None)
         shuffler = torch.Generator().manual_seed(seed)
         steps_per_epoch = math.ceil(len(sentences) / batch_size)
+        total_steps = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
         losses: list[float] = []
-        with _seeded(seed, self.device), backend, tqdm(total=epochs * steps_per_epoch, desc="fitting flow",
+        with _seeded(seed, self.device), backend, tqdm(total=total_steps, desc="fitting flow",
                                                        unit="step", disable=not progress) as bar:
             self.flow.train()
             try:
@@ -149,13 +153,15 @@ class BertFlow:
                     if not reference:
                         order = order.to(cached.device)  # one copy per epoch, not one per batch
                     epoch_losses, shown = [], 0.0
-                    for indices in order.split(batch_size):
+                    for indices in order.split(batch_size)[:total_steps - len(losses)]:
                         epoch_losses.append(step(batch_of(indices)))
                         bar.update()
                         if progress and time.perf_counter() - shown > 0.5:
                             shown = time.perf_counter()
                             bar.set_postfix(bits_per_dim=f"{float(epoch_losses[-1]):.3f}", refresh=False)
                     losses += step.read(epoch_losses)
+                    if len(losses) == total_steps:
+                        break
             except FloatingPointError as error:
                 raise FloatingPointError(f"{error}; epoch {epoch + 1}") from None
             finally:
