@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --task: target = the task's own sentences (STS-B: train+dev+test), "
                           "train = STS-B train sentences")
     fit.add_argument("--out", required=True, help="model directory to write")
+    fit.add_argument("--bundle", action="store_true",
+                     help="copy the encoder into OUT/encoder/ so that the model directory is self-contained")
     fit.add_argument("--reference", action="store_true",
                      help="eager path: the original recipe (encoder re-run every batch, dropout on, torch backend)")
     _add_encoder_args(fit)
@@ -245,7 +247,7 @@ def run_fit(args: argparse.Namespace, progress: bool) -> None:
         sentences = fit_sentences(args.task, args.setting, args.data_dir, args.max_pairs)
     model = BertFlow(_encoder(args), flow=_flow_config(args), seed=args.seed)
     report = model.fit(sentences, reference=args.reference, **_fit_kwargs(args, progress))
-    model.save(args.out)
+    model.save(args.out, bundle=args.bundle)
     print(f"fitted on {report.n_sentences} sentences ({report.n_distinct} distinct), {report.steps} steps, "
           f"{report.path} path, {report.total_seconds:.1f}s, final loss {report.final_loss:.4f} bits/dim; "
           f"saved to {args.out}")

@@ -93,7 +93,7 @@ def test_bench_models_suite_says_what_it_lacks(tmp_path):
 
 def test_fit_then_encode(fitted_model, sentences_file, tmp_path):
     config = json.loads((fitted_model / "config.json").read_text())
-    assert config["flow"]["levels"] == 2 and Path(config["encoder"]).is_dir()
+    assert config["flow"]["levels"] == 2 and (fitted_model / config["encoder"]).is_dir()
     result = flowkern("encode", fitted_model, sentences_file, tmp_path / "z")
     out = tmp_path / "z.npy"  # np.save's name, and the one reported
     assert result.stdout.strip().endswith(f"embeddings to {out}") and not (tmp_path / "z").exists()
@@ -160,6 +160,17 @@ def test_text_file_errors(tiny_bert, tmp_path):
     result = flowkern("fit", "--text", empty, "--out", tmp_path / "m", "--encoder", tiny_bert, check=False)
     assert result.returncode == 1 and "empty corpus" in result.stderr
 
+
+def test_fit_bundle_writes_a_self_contained_model_directory(tiny_bert, sentences_file, fitted_model, tmp_path):
+    out = tmp_path / "model"
+    flowkern("fit", "--text", sentences_file, "--out", out, "--encoder", tiny_bert, "--levels", "2", "--depth", "2",
+             "--batch-size", "8", "--bundle")
+    assert json.loads((out / "config.json").read_text())["encoder"] == "./encoder"
+    moved = out.rename(tmp_path / "moved")
+    flowkern("encode", moved, sentences_file, tmp_path / "bundled.npy")
+    flowkern("encode", fitted_model, sentences_file, tmp_path / "plain.npy")
+    # The same seeded fit on the same encoder, whether its files are bundled or not.
+    np.testing.assert_allclose(np.load(tmp_path / "bundled.npy"), np.load(tmp_path / "plain.npy"), atol=1e-6)
 
 
 def test_demo_times_the_eager_path_on_a_stated_number_of_steps(tiny_bert, sts_data_dir, tmp_path):

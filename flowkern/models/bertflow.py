@@ -18,13 +18,14 @@ from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 from flowkern.backend import override as override_backend
-from flowkern.models.encoder import DEFAULT_MAX_LENGTH, DEFAULT_POOLING, SentenceEncoder
+from flowkern.models.encoder import DEFAULT_MAX_LENGTH, DEFAULT_POOLING, EMBEDDED_ENCODER, SentenceEncoder
 from flowkern.nn import Glow, TrainStep
 
 FORMAT = "flowkern.bertflow"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "flow.safetensors"
+BUNDLE_DIR = "encoder"
 TRANSFORM_BATCH = 8192
 
 
@@ -197,14 +198,18 @@ class BertFlow:
         embeddings = self.transform(self.pooled(sentences, batch_size, progress))
         return embeddings if as_tensor else embeddings.cpu().numpy()
 
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write config.json (encoder reference, pooling, flow config) and flow.safetensors; no pickle."""
+    def save(self, directory: str | os.PathLike, bundle: bool = False) -> Path:
+        """Write config.json (encoder reference, pooling, flow config) and flow.safetensors; no pickle.
+
+        The encoder is recorded as the embedded marker, its hub name, or a local directory's path relative to
+        ``directory`` (move the two together). ``bundle=True`` copies the encoder (config, weights, tokenizer)
+        into ``directory/encoder/`` and records that, so the directory is self-contained."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "encoder": self.encoder.name,
+            "encoder": self._encoder_record(directory, bundle),
             "pooling": self.encoder.pooling,
             "max_length": self.encoder.max_length,
             "flow": self.flow.config,
@@ -216,10 +221,24 @@ class BertFlow:
         (directory / WEIGHTS_FILE).write_bytes(save(weights, metadata={"format": FORMAT}))
         return directory
 
+    def _encoder_record(self, directory: Path, bundle: bool) -> str:
+        """How config.json names the encoder: a local directory relative to the model directory, starting with
+        "." (hub names never do), so that moving both together keeps the model loadable."""
+        if bundle:
+            self.encoder.model.save_pretrained(directory / BUNDLE_DIR)
+            self.encoder.tokenizer.save_pretrained(directory / BUNDLE_DIR)
+            return f"./{BUNDLE_DIR}"
+        name = self.encoder.name
+        if name == EMBEDDED_ENCODER or not Path(name).is_absolute():
+            return name
+        relative = Path(os.path.relpath(name, directory.resolve())).as_posix()
+        return relative if relative.startswith(".") else f"./{relative}"
+
     @classmethod
     def load(cls, directory: str | os.PathLike, device: str | torch.device | None = None,
              cache_dir: str | os.PathLike | None = None) -> BertFlow:
-        """Rebuild a model written by :meth:`save` (the encoder is loaded from its recorded name/path)."""
+        """Rebuild a model written by :meth:`save` (the encoder is loaded from its recorded name or path, a relative
+        path from ``directory``)."""
         config, weights_path = read_saved_config(Path(directory))
         encoder = SentenceEncoder(config["encoder"], config["pooling"], config["max_length"], device, cache_dir)
         flow = Glow.from_config(config["flow"], channels=encoder.dim)
@@ -237,7 +256,8 @@ class BertFlow:
 
 
 def read_saved_config(directory: Path) -> tuple[dict, Path]:
-    """(config, path of the flow weights) of a saved model directory, checked; one-line errors naming the file."""
+    """(config, path of the flow weights) of a saved model directory, checked, the encoder's relative path made
+    absolute; one-line errors naming the file."""
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such model directory (a BertFlow saved with `flowkern fit`)")
     config_path = directory / CONFIG_FILE
@@ -258,6 +278,13 @@ def read_saved_config(directory: Path) -> tuple[dict, Path]:
     weights_path = directory / WEIGHTS_FILE
     if not weights_path.is_file():
         raise FileNotFoundError(f"{directory} is not a complete BertFlow model: {WEIGHTS_FILE} is missing")
+    if str(config["encoder"]).startswith("."):
+        encoder = (directory / config["encoder"]).resolve()
+        if not encoder.is_dir():
+            raise FileNotFoundError(f"{config_path}: the encoder directory {config['encoder']} ({encoder}) is "
+                                    f"missing; move it together with the model directory, or save with "
+                                    f"bundle=True (flowkern fit --bundle)")
+        config["encoder"] = str(encoder)
     return config, weights_path
 
 

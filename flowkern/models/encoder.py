@@ -12,6 +12,8 @@ import hashlib
 import json
 import os
 import re
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Sequence
 
@@ -45,6 +47,37 @@ def resolve_encoder_source(name_or_path: str | os.PathLike | None) -> tuple[str,
     if path.is_dir():
         return str(path.resolve()), True
     return str(name_or_path), False
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the HuggingFace hub ($HF_ENDPOINT) answers within `timeout` seconds; False in offline mode
+    (HF_HUB_OFFLINE=1). One request, no retries (transformers retries an unreachable hub for ~50 s)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return True  # it answered
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _from_pretrained(loader, source: str, local: bool):
+    """``loader.from_pretrained(source)`` from local files first: a hub name that is not cached is fetched only
+    when the hub answers at once, else one OSError names it and says how to use a local directory."""
+    if local:
+        return loader.from_pretrained(source, local_files_only=True)
+    try:
+        return loader.from_pretrained(source, local_files_only=True)
+    except OSError:
+        if not _hub_reachable():
+            raise OSError(f"encoder {source!r} is not in the local HuggingFace cache and the hub cannot be reached "
+                          f"(offline); pass a local model directory instead (--encoder DIR, or "
+                          f"BertFlow(encoder=DIR)), or set HF_HOME to a cache that holds it") from None
+    return loader.from_pretrained(source)
 
 
 def check_pooling(pooling: str) -> str:
@@ -157,8 +190,8 @@ class SentenceEncoder:
         self.max_length = max_length
         self.device = torch.device(device) if device is not None else _default_device()
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
-        self.model = AutoModel.from_pretrained(source, local_files_only=local).to(self.device)
+        self.tokenizer = _from_pretrained(AutoTokenizer, source, local)
+        self.model = _from_pretrained(AutoModel, source, local).to(self.device)
         self.model.requires_grad_(False).eval()
         self.n_layers = self.model.config.num_hidden_layers
         self._taps = _LayerTaps(self.model, hidden_state_indices(self.pooling, self.n_layers))
