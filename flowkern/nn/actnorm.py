@@ -1,3 +1,4 @@
+"""ActNorm: a per-channel affine map with data-dependent init; the context-local switch that suspends that init."""
 from __future__ import annotations
 
 import contextlib
@@ -8,13 +9,14 @@ import torch
 from torch import nn
 
 from .. import ops
-from .._checks import check_input, compute_dtype
+from .layer import FlowLayer
 
 
-class ActNorm(nn.Module):
+class ActNorm(FlowLayer):
     """y = (x + bias) * exp(logscale_factor * logs) per channel, with data-dependent init (DDI).
 
-    With ddi=True the first forward in training mode sets bias and logs so that the batch gets zero mean and
+    x, y: [B, C] or [B, C, H, W] with C = channels. log_det [B] = H * W * logscale_factor * sum(logs) (H * W = 1
+    for [B, C]). With ddi=True the first forward in training mode sets bias and logs so that the batch gets zero mean and
     unit variance per channel. `initialized` is a saved buffer: loading a checkpoint never re-initializes.
     """
 
@@ -43,10 +45,6 @@ class ActNorm(nn.Module):
             return False
         return True
 
-    def forward(self, x: torch.Tensor):
-        check_input(x, self.channels, "ActNorm", like=self.bias)
-        return self._forward(x)
-
     def _forward(self, x: torch.Tensor):
         if self.ddi_pending():
             self.data_init(x)
@@ -65,10 +63,6 @@ class ActNorm(nn.Module):
         self.logs.copy_(torch.log(1.0 / (std + 1e-6)) / self.logscale_factor)
         self.initialized.fill_(True)
         self._known_initialized = True
-
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        check_input(y, self.channels, "ActNorm.inverse", like=self.bias)
-        return self._inverse(y)
 
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
         return ops.actnorm_inverse(y, self.bias, self.logs, self.logscale_factor)
@@ -94,7 +88,3 @@ def suspend_ddi() -> Iterator[None]:
         yield
     finally:
         _ddi_suspended.reset(token)
-
-
-def zero_log_det(x: torch.Tensor) -> torch.Tensor:
-    return torch.zeros(x.shape[0], dtype=compute_dtype(x.dtype), device=x.device)

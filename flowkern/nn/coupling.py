@@ -1,17 +1,23 @@
+"""Coupling layers: half the channels pass unchanged and condition an invertible map of the other half."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from .. import ops
-from .._checks import check_input
 from ..ops.mlp_coupling_ops import MAX_FUSED_HIDDEN
 from .actnorm import suspend_ddi
+from .layer import FlowLayer
 from .subnets import LOGSCALE_FACTOR, ConvSubnet, MLPSubnet
 
 
-class _Coupling(nn.Module):
-    """x = [x1, x2] (x1 the first half(C) channels); h = subnet(x1); z2 = transform(x2, h); y = [x1, z2]."""
+class _Coupling(FlowLayer):
+    """x = [x1, x2] (x1 the first half(C) channels); h = subnet(x1); z2 = transform(x2, h); y = [x1, z2].
+
+    x, y: [B, C] or [B, C, H, W] with C = channels >= 2. The subnet maps x1's half(C) channels to out_channels
+    (C - half(C), twice that for affine). Built-in subnets: MLPSubnet (per pixel; fused into one op for [B, C]
+    input) or ConvSubnet (image=True); a user's subnet must keep the batch and spatial shape.
+    """
 
     affine = False
 
@@ -29,10 +35,6 @@ class _Coupling(nn.Module):
             subnet = net(self.cond_channels, self.out_channels, hidden)
         self.subnet = subnet
 
-    def _parameter(self) -> torch.Tensor | None:
-        """Any subnet parameter, for the device check (None for a parameter-free subnet)."""
-        return next(self.subnet.parameters(), None)
-
     def _conditioner(self, x1: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         h = self.subnet(x1)
         expected = (like.shape[0], self.out_channels) + tuple(like.shape[2:])
@@ -40,10 +42,6 @@ class _Coupling(nn.Module):
             raise ValueError(f"{type(self).__name__}: subnet returned shape {tuple(h.shape)}, expected {expected} "
                              f"({self.cond_channels} channels in -> {self.out_channels} out)")
         return h
-
-    def forward(self, x: torch.Tensor):
-        check_input(x, self.channels, type(self).__name__, like=self._parameter())
-        return self._forward(x)
 
     def _fused_subnet_params(self, x: torch.Tensor):
         """The MLP subnet's parameters for ops.mlp_coupling, or None where the unfused path must run: other
@@ -67,10 +65,6 @@ class _Coupling(nn.Module):
             z2, log_det = ops.mlp_coupling(x1, x2, *params, self.affine, LOGSCALE_FACTOR)
         return torch.cat([x1, z2], dim=1), log_det
 
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        check_input(y, self.channels, f"{type(self).__name__}.inverse", like=self._parameter())
-        return self._inverse(y)
-
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
         y1, z2 = ops.split_channels(y)
         with suspend_ddi():
@@ -86,10 +80,11 @@ class _Coupling(nn.Module):
 
 
 class AdditiveCoupling(_Coupling):
-    """z2 = x2 + NN(x1); log_det = 0 (volume preserving)."""
+    """z2 = x2 + NN(x1); log_det = 0 (volume preserving): a [B] zero vector."""
 
 
 class AffineCoupling(_Coupling):
-    """shift, scale = h[:, 0::2], sigmoid(h[:, 1::2] + 2) with h = NN(x1); z2 = (x2 + shift) * scale."""
+    """shift, scale = h[:, 0::2], sigmoid(h[:, 1::2] + 2) with h = NN(x1); z2 = (x2 + shift) * scale;
+    log_det [B] = sum of log(scale) over x2's channels and pixels."""
 
     affine = True

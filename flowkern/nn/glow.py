@@ -1,3 +1,5 @@
+"""FlowStep (ActNorm -> channel mixing -> coupling) and Glow (levels of steps with multi-scale splits), with the
+choice between the fused whole-flow op, the per-op path and the reference."""
 from __future__ import annotations
 
 import contextlib
@@ -8,20 +10,22 @@ import torch
 from torch import nn
 
 from .. import backend, ops
-from .._checks import check_input, compute_dtype
+from .._checks import compute_dtype
 from ..ops.glow_ops import BACKENDS as GLOW_BACKENDS, GlowPlan, pack_forward, pack_inverse
 from ..ops.mlp_coupling_ops import MAX_FUSED_HIDDEN
 from .actnorm import ActNorm
 from .coupling import AdditiveCoupling, AffineCoupling
 from .invconv import MIXINGS, InvConv1x1
+from .layer import FlowLayer
 from .subnets import LOGSCALE_FACTOR, MLPSubnet
 
 COUPLINGS = {"additive": AdditiveCoupling, "affine": AffineCoupling}
 
 
-class FlowStep(nn.Module):
+class FlowStep(FlowLayer):
     """ActNorm -> invertible 1x1 conv (or fixed permutation) -> coupling.
 
+    x, y: [B, C] or [B, C, H, W] with C = channels; log_det [B] is the sum of the three layers' log-dets.
     With mixing="lu", ActNorm and the 1x1 conv run as one op (ops.actnorm_invconv: a single GEMM on kernel
     backends) once ActNorm is initialized; its data-dependent init runs on the unfused path.
     """
@@ -36,9 +40,8 @@ class FlowStep(nn.Module):
         self.mixing = InvConv1x1(channels, mixing)
         self.coupling = COUPLINGS[coupling](channels, hidden, subnet=subnet, image=image)
 
-    def forward(self, x: torch.Tensor):
-        check_input(x, self.channels, "FlowStep", like=self.actnorm.bias)
-        return self._forward(x)
+    def _device_reference(self) -> torch.Tensor:   # a direct read: cheaper than walking parameters() per call
+        return self.actnorm.bias
 
     def _forward(self, x: torch.Tensor):
         if self.mixing.mixing == "lu" and not self.actnorm.ddi_pending():
@@ -53,15 +56,11 @@ class FlowStep(nn.Module):
         x, coupling_log_det = self.coupling._forward(x)
         return x, log_det + coupling_log_det
 
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        check_input(y, self.channels, "FlowStep.inverse", like=self.actnorm.bias)
-        return self._inverse(y)
-
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
         return self.actnorm._inverse(self.mixing._inverse(self.coupling._inverse(y)))
 
 
-class Glow(nn.Module):
+class Glow(FlowLayer):
     """Multi-scale Glow: `levels` x `depth` FlowSteps, halving Split (N(0, I) prior) between levels.
 
     image=True: input [B, C, H, W], a 2x2 squeeze before each level and convolutional coupling nets, as in Glow.
@@ -133,8 +132,11 @@ class Glow(nn.Module):
             raise ValueError("Glow.from_config: the number of channels is not in the config; pass channels=")
         return cls(channels, **kwargs)
 
-    def _check(self, x: torch.Tensor, where: str) -> None:
-        check_input(x, self.channels, where, like=self.levels[0][0].actnorm.bias)
+    def _device_reference(self) -> torch.Tensor:   # a direct read: cheaper than walking parameters() per call
+        return self.levels[0][0].actnorm.bias
+
+    def _check(self, x: torch.Tensor, where: str, inverse: bool = False) -> None:
+        super()._check(x, where, inverse)
         if self.image:
             if x.dim() != 4:
                 raise ValueError(f"{where}: image=True needs [B, C, H, W] input, got shape {tuple(x.shape)}")
@@ -243,10 +245,9 @@ class Glow(nn.Module):
         params, mix, log_det_const = self._packed("forward", plan, x)
         return ops.glow(x, plan, params, mix, log_det_const)
 
-    # ---- public API ----
+    # ---- the maths of forward and inverse (FlowLayer checks the input first), log_prob ----
 
-    def forward(self, x: torch.Tensor):
-        self._check(x, "Glow")
+    def _forward(self, x: torch.Tensor):
         if self.path_for(x) == "fused":
             z, log_det, _ = self._fused_forward(x)
             return z, log_det
@@ -281,8 +282,7 @@ class Glow(nn.Module):
                 shapes.append((b, c, *rest))
         return shapes
 
-    def inverse(self, z: torch.Tensor) -> torch.Tensor:
-        self._check(z, "Glow.inverse")
+    def _inverse(self, z: torch.Tensor) -> torch.Tensor:
         if self.path_for(z) == "fused" and not self._needs_grad(z):
             plan = self._plan(z.device)
             return ops.glow_inverse(z, plan, *self._packed("inverse", plan, z))

@@ -1,3 +1,4 @@
+"""InvConv1x1: invertible channel mixing (an LU-parametrized 1x1 convolution, or a fixed permutation)."""
 from __future__ import annotations
 
 import contextlib
@@ -7,14 +8,14 @@ import torch
 from torch import nn
 
 from .. import ops
-from .._checks import check_input, compute_dtype
-from .actnorm import zero_log_det
+from .._checks import compute_dtype
+from .layer import FlowLayer, zero_log_det
 
 MIXINGS = ("lu", "reverse", "random")
 
 
-class InvConv1x1(nn.Module):
-    """Invertible channel mixing.
+class InvConv1x1(FlowLayer):
+    """Invertible channel mixing: y = W x per sample and pixel, x and y [B, C] or [B, C, H, W] with C = channels.
 
     mixing="lu": W = P L (U + diag(sign_s * exp(log_s))), initialized from the LU of a random rotation;
     log_det = sum(log_s) * H * W. mixing="reverse": the fixed channel reversal of the original BERT-flow
@@ -87,20 +88,12 @@ class InvConv1x1(nn.Module):
             raise ValueError(f"InvConv1x1.inverse_weight: mixing={self.mixing!r} is a fixed permutation")
         return self._once("inverse_weight", lambda: ops.lu_inverse_weight(*self._factors()))
 
-    def forward(self, x: torch.Tensor):
-        check_input(x, self.channels, "InvConv1x1", like=self.perm)
-        return self._forward(x)
-
     def _forward(self, x: torch.Tensor):
         if self.mixing != "lu":
             return ops.permute_channels(x, self.perm), zero_log_det(x)
         weight, log_det_per_pixel = self.weight()
         log_det = (log_det_per_pixel.to(compute_dtype(x.dtype)) * x[0, 0].numel()).expand(x.shape[0])
         return ops.invconv(x, weight), log_det.contiguous()
-
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        check_input(y, self.channels, "InvConv1x1.inverse", like=self.perm)
-        return self._inverse(y)
 
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
         if self.mixing != "lu":

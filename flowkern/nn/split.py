@@ -1,18 +1,19 @@
+"""The multi-scale layers: Split (factor half the channels out under the prior) and Squeeze (space to depth)."""
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from .. import ops
 from .._checks import check_input
-from .actnorm import zero_log_det
+from .layer import FlowLayer, zero_log_det
 
 
-class Split(nn.Module):
+class Split(FlowLayer):
     """Multi-scale split: keep the first half(C) channels, factor out the rest under an N(0, I) prior.
 
-    forward(x) -> (kept, log_p) where log_p [B] is the prior log-density of the factored channels (the term the
-    split adds to log p(x)); forward(x, return_factored=True) also returns the factored channels.
+    forward(x) -> (kept, log_p): x [B, C] or [B, C, H, W]; kept [B, half(C), ...]; log_p [B] (float32, float64 for
+    float64 input) is the prior log-density of the factored channels, the term the split adds to log p(x) where
+    other layers add a log-det. forward(x, return_factored=True) also returns the factored channels.
     inverse(kept, factored=None, temperature=1.0) draws the factored channels from the prior when not given.
     """
 
@@ -23,14 +24,27 @@ class Split(nn.Module):
         self.channels = channels
         self.kept_channels = ops.half(channels)
 
+    @property
+    def latent_channels(self) -> int:
+        return self.kept_channels
+
     def forward(self, x: torch.Tensor, return_factored: bool = False):
-        check_input(x, self.channels, "Split")
-        kept, factored = ops.split_channels(x)
-        log_p = ops.gaussian_log_prob(factored)
+        self._check(x, "Split", inverse=False)
+        kept, log_p, factored = self._split(x)
         return (kept, log_p, factored) if return_factored else (kept, log_p)
 
+    def _forward(self, x: torch.Tensor):
+        return self._split(x)[:2]
+
+    def _split(self, x: torch.Tensor):
+        kept, factored = ops.split_channels(x)
+        return kept, ops.gaussian_log_prob(factored), factored
+
     def inverse(self, y: torch.Tensor, factored: torch.Tensor | None = None, temperature: float = 1.0):
-        check_input(y, self.kept_channels, "Split.inverse")
+        self._check(y, "Split.inverse", inverse=True)
+        return self._inverse(y, factored, temperature)
+
+    def _inverse(self, y: torch.Tensor, factored: torch.Tensor | None = None, temperature: float = 1.0):
         factored_shape = (y.shape[0], self.channels - self.kept_channels) + tuple(y.shape[2:])
         if factored is None:
             factored = torch.randn(factored_shape, dtype=y.dtype, device=y.device) * temperature
@@ -45,21 +59,20 @@ class Split(nn.Module):
         return f"{self.channels}"
 
 
-class Squeeze(nn.Module):
-    """[B, C, H, W] -> [B, 4C, H/2, W/2] (Glow's space-to-depth); log_det 0. A [B, C] input passes unchanged."""
+class Squeeze(FlowLayer):
+    """[B, C, H, W] -> [B, 4C, H/2, W/2] (Glow's space-to-depth); log_det [B] zeros. A [B, C] input passes unchanged.
 
-    def forward(self, x: torch.Tensor):
-        _check_squeezable(x, "Squeeze")
+    Any channel count (channels None); inverse needs a multiple of 4 channels for [B, C, H, W] input."""
+
+    def _check(self, x: torch.Tensor, where: str, inverse: bool) -> None:
+        if inverse and isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] % 4:
+            raise ValueError(f"{where}: channels must be a multiple of 4, got shape {tuple(x.shape)}")
+        super()._check(x, where, inverse)
+        if not inverse and x.dim() == 4 and (x.shape[2] % 2 or x.shape[3] % 2):
+            raise ValueError(f"{where}: height and width must be even to squeeze 2x2, got shape {tuple(x.shape)}")
+
+    def _forward(self, x: torch.Tensor):
         return (ops.squeeze2d(x) if x.dim() == 4 else x), zero_log_det(x)
 
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        if y.dim() == 4 and y.shape[1] % 4:
-            raise ValueError(f"Squeeze.inverse: channels must be a multiple of 4, got shape {tuple(y.shape)}")
-        check_input(y, y.shape[1] if y.dim() > 1 else -1, "Squeeze.inverse")
+    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
         return ops.unsqueeze2d(y) if y.dim() == 4 else y
-
-
-def _check_squeezable(x: torch.Tensor, where: str) -> None:
-    check_input(x, x.shape[1] if x.dim() > 1 else -1, where)
-    if x.dim() == 4 and (x.shape[2] % 2 or x.shape[3] % 2):
-        raise ValueError(f"{where}: height and width must be even to squeeze 2x2, got shape {tuple(x.shape)}")

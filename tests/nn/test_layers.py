@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
-from flowkern.nn import (ActNorm, AdditiveCoupling, AffineCoupling, FlowStep, Glow, InvConv1x1, Split,
+from flowkern.nn import (ActNorm, AdditiveCoupling, AffineCoupling, FlowLayer, FlowStep, Glow, InvConv1x1, Split,
                          Squeeze)
 from tests.helpers import randomize_, random_input, rel_err
 
@@ -239,3 +239,37 @@ def test_from_config_rejects_unknown_keys():
 def test_permutation_mixing_has_no_lu_weight():
     with pytest.raises(ValueError, match="fixed permutation"):
         InvConv1x1(6, "reverse").weight()
+
+
+def test_every_flow_layer_follows_the_contract():
+    """Every flow layer of flowkern.nn is a FlowLayer (one input check, forward -> (y, log_det), inverse), and a
+    user's subclass gets the same checks by implementing only the maths."""
+    import flowkern.nn
+
+    layers = [getattr(flowkern.nn, name) for name in ("ActNorm", "InvConv1x1", "AdditiveCoupling", "AffineCoupling",
+                                                     "Split", "Squeeze", "FlowStep", "Glow")]
+    assert all(issubclass(layer, FlowLayer) for layer in layers)
+
+    class Shift(FlowLayer):
+        def __init__(self, channels):
+            super().__init__()
+            self.channels = channels
+            self.shift = torch.nn.Parameter(torch.ones(channels))
+
+        def _forward(self, x):
+            return x + self.shift, torch.zeros(x.shape[0])
+
+        def _inverse(self, y):
+            return y - self.shift
+
+    layer = Shift(8)
+    for bad, (make, message) in BAD_INPUTS.items():
+        for call, where in ((layer, "Shift"), (layer.inverse, "Shift.inverse")):
+            with pytest.raises(ValueError, match=f"^{where}: .*{message}"):
+                call(make())
+    with pytest.raises(ValueError, match="input is on meta but the layer's parameters are on cpu"):
+        layer(torch.empty(3, 8, device="meta"))
+    x = torch.randn(3, 8)
+    y, log_det = layer(x)
+    torch.testing.assert_close(layer.inverse(y), x)
+    assert log_det.shape == (3,)
