@@ -1,15 +1,17 @@
-"""Command line: ``flowkern fit | encode | eval | demo`` (also ``python -m flowkern``)."""
+"""Command line: ``flowkern fit | encode | embed | eval | demo | bench`` (also ``python -m flowkern``).
+
+Parses the arguments and calls the library: flowkern.models for fit, encode and eval, flowkern.embed for embed,
+flowkern.demo for the demo, flowkern.bench (its own parser) for bench.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
 import sys
-import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from flowkern._extras import require_extra
 
@@ -18,7 +20,7 @@ require_extra("bertflow", "the flowkern command", "numpy", "transformers")
 import numpy as np  # noqa: E402  (after the check, so a missing extra is named, not a missing numpy)
 import torch
 
-from flowkern.data import SETTINGS, TASKS, DataDirError, fit_sentences, load_task, task_spec
+from flowkern.data import SETTINGS, TASKS, DataDirError, fit_sentences, load_task
 from flowkern.embed.job import DEFAULT_SHARD_ROWS
 
 TASK_NAMES = tuple(TASKS)
@@ -288,6 +290,7 @@ def run_embed(args: argparse.Namespace, progress: bool) -> None:
 
 def run_eval(args: argparse.Namespace, progress: bool) -> None:
     from flowkern.models import Whitening, evaluate_pairs
+    from flowkern.models.evaluate import format_table, scores_json
 
     tasks = _tasks(args.tasks)
     # Data first: a missing directory or file fails before the slow model loading.
@@ -312,216 +315,34 @@ def run_eval(args: argparse.Namespace, progress: bool) -> None:
             embed = encode
             if args.baseline == "whitening":
                 corpus = fit_sentences(task, args.setting, args.data_dir, args.max_pairs)
-                embed = _whitened(encode, Whitening(args.whitening_dim).fit(encode(corpus)))
+                whitening = Whitening(args.whitening_dim).fit(encode(corpus))
+
+                def embed(sentences: Sequence[str]):
+                    return whitening.transform(encode(sentences))
             scores[task] = evaluate_pairs(embed, pairs[task], task)
     results = {method: scores}
     print(format_table(results))
     if args.json:
-        _write_json(args.json, {"scores": _scores_json(results)})
-
-
-def _whitened(encode: Callable, whitening) -> Callable:
-    return lambda sentences: whitening.transform(encode(sentences))
+        _write_json(args.json, {"scores": scores_json(results)})
 
 
 # ---------------------------------------------------------------------------------------------- demo
 
 def run_demo(args: argparse.Namespace, progress: bool) -> None:
-    import torch
-
-    from flowkern.models import BertFlow, Whitening, evaluate_pairs
+    from flowkern.demo import run_demo as demo
 
     tasks = _tasks(args.tasks)
     if args.eager_steps < 1:
         raise CliError(f"--eager-steps must be positive, got {args.eager_steps} (--skip-eager for no eager timing)")
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    # Data first: a missing directory or file fails before the slow model loading and fitting.
-    data = {task: (load_task(task, args.data_dir, args.max_pairs),
-                   fit_sentences(task, "target", args.data_dir, args.max_pairs)) for task in tasks}
-    encoder = _encoder(args)
-    fit_kwargs = _fit_kwargs(args, progress)
-
-    def new_model() -> BertFlow:
-        return BertFlow(encoder, flow=_flow_config(args), seed=args.seed)
-
-    # Timing first, while the embedding cache is cold, so the fast path pays for encoding its corpus.
-    timing_task = tasks[0]
-    pairs, corpus = data[timing_task]
-    # The load average is recorded because other processes on a small CPU can distort these times.
-    timing: dict = {"task": timing_task}
-    fast_model = new_model()
-    load_before = os.getloadavg()
-    fast = fast_model.fit(corpus, **fit_kwargs)
-    timing["fast"] = _fit_summary(fast, evaluate_pairs(fast_model.encode, pairs).wmean, load_before)
-    _log(f"{timing_task}: fast path fit {fast.total_seconds:.1f}s")
-    if args.eager_full:
-        eager_model = new_model()
-        load_before = os.getloadavg()
-        eager = eager_model.fit(corpus, reference=True, **fit_kwargs)
-        timing["eager_steps"] = "all"
-        timing["eager"] = _fit_summary(eager, evaluate_pairs(eager_model.encode, pairs).wmean, load_before)
-        timing["eager_over_fast"] = eager.total_seconds / fast.total_seconds
-        _log(f"{timing_task}: eager path fit {eager.total_seconds:.1f}s "
-             f"(eager/fast time ratio {timing['eager_over_fast']:.1f})")
-    elif not args.skip_eager:
-        # The same first N batches (same seed, same shuffle) on both paths, each a fresh model timed by fit() alike;
-        # the fast path's embeddings are cached by its full fit above, the eager path encodes every batch.
-        n = min(args.eager_steps, fast.steps)
-        load_before = os.getloadavg()
-        eager = new_model().fit(corpus, reference=True, max_steps=n, **fit_kwargs)
-        timing["eager"] = _fit_summary(eager, load_before=load_before)
-        load_before = os.getloadavg()
-        fast_n = new_model().fit(corpus, max_steps=n, **fit_kwargs)
-        timing["fast_same_steps"] = _fit_summary(fast_n, load_before=load_before)
-        timing["eager_steps"] = n
-        timing["eager_over_fast"] = eager.total_seconds / fast_n.total_seconds
-        _log(f"{timing_task}: first {n} steps: eager path {eager.total_seconds:.1f}s, fast path "
-             f"{fast_n.total_seconds:.2f}s (eager/fast time ratio {timing['eager_over_fast']:.1f})")
-
-    results: dict[str, dict] = {"pooled": {}, "whitening (target)": {}, "flow (target)": {}}
-    fits = {}
-    for task in tasks:
-        pairs, corpus = data[task]
-        whitening = Whitening().fit(encoder.encode(corpus, args.batch_size_encode, progress))
-        if task == timing_task:
-            model, fits[task] = fast_model, fast
-        else:
-            model = new_model()
-            fits[task] = model.fit(corpus, **fit_kwargs)
-        results["pooled"][task] = evaluate_pairs(encoder.encode, pairs, task)
-        results["whitening (target)"][task] = evaluate_pairs(_whitened(encoder.encode, whitening), pairs, task)
-        results["flow (target)"][task] = evaluate_pairs(model.encode, pairs, task)
-        _log(f"{task}: " + ", ".join(f"{method} {scores[task].wmean:.2f}" for method, scores in results.items()))
-    anisotropy = _plot_anisotropy(fast_model, data[timing_task][1], args.random_pairs, args.seed,
-                                  out_dir / "anisotropy.png", timing_task)
-
-    table = format_table(results)
-    print(table)
-    print(_format_timing(timing))
-    report = {
-        "config": {"encoder": encoder.name, "pooling": encoder.pooling, "max_length": encoder.max_length,
-                   "flow": fast_model.flow.config, "epochs": args.epochs, "batch_size": args.batch_size,
-                   "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed,
-                   "max_pairs": args.max_pairs, "tasks": tasks},
-        "scores": _scores_json(results),
-        "fit": {task: _fit_summary(report) for task, report in fits.items()},
-        "timing": timing,
-        "anisotropy": anisotropy,
-        "machine": {"device": str(encoder.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "cpu_count": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version()},
-        "total_seconds": time.perf_counter() - started,
-        "table": table,
-    }
-    _write_json(out_dir / "results.json", report)
-    print(f"wrote {out_dir / 'results.json'} and {out_dir / 'anisotropy.png'} "
-          f"({report['total_seconds']:.0f}s in all)")
-
-
-def _fit_summary(report, spearman: float | None = None, load_before: tuple | None = None) -> dict:
-    summary = {k: v for k, v in report.to_dict().items() if k != "losses"}
-    summary["first_loss"], summary["final_loss"] = report.losses[0], report.final_loss
-    if spearman is not None:
-        summary["spearman"] = spearman
-    if load_before is not None:
-        summary["load_average_1min_before_after"] = [load_before[0], os.getloadavg()[0]]
-    return summary
-
-
-def _plot_anisotropy(model, corpus: Sequence[str], n_pairs: int, seed: int, path: Path, task: str) -> dict:
-    """Histogram of cosine similarity of random distinct-sentence pairs, before vs after the flow."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from flowkern.models.evaluate import cosine_similarity
-
-    distinct = list(dict.fromkeys(corpus))
-    if len(distinct) < 2:
-        raise CliError(f"{task}: the anisotropy plot needs at least 2 distinct sentences, got {len(distinct)}")
-    rng = np.random.default_rng(seed)
-    first = rng.integers(0, len(distinct), n_pairs)
-    second = (first + rng.integers(1, len(distinct), n_pairs)) % len(distinct)  # never the same sentence
-    pooled = model.pooled(distinct).cpu().numpy()
-    latent = model.transform(pooled)
-    before = cosine_similarity(pooled[first], pooled[second])
-    after = cosine_similarity(latent[first], latent[second])
-    figure, axes = plt.subplots(figsize=(7, 4))
-    bins = np.linspace(-1.0, 1.0, 81)
-    axes.hist(before, bins=bins, alpha=0.6, label=f"pooled (mean {before.mean():.2f})")
-    axes.hist(after, bins=bins, alpha=0.6, label=f"after flow (mean {after.mean():.2f})")
-    axes.set_xlabel("cosine similarity of a random sentence pair")
-    axes.set_ylabel("pairs")
-    axes.set_title(f"{task_spec(task).title} sentences: {n_pairs} random pairs")
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return {"task": task, "pairs": n_pairs, "mean_cosine_before": float(before.mean()),
-            "mean_cosine_after": float(after.mean()), "std_cosine_before": float(before.std()),
-            "std_cosine_after": float(after.std()), "plot": path.name}
-
-
-# ---------------------------------------------------------------------------------------------- output
-
-def format_table(results: dict[str, dict]) -> str:
-    """Methods x tasks, Spearman x 100, with the mean over tasks. STS12-16 use "wmean" (size-weighted
-    mean over sub-datasets, as in the paper); a second block gives their "all" (pairs concatenated)."""
-
-    tasks = list(dict.fromkeys(t for scores in results.values() for t in scores))
-    with_subsets = [t for t in tasks if any(t in s and s[t].subsets for s in results.values())]
-    headings = ("Spearman x 100", "all: concatenated")
-    width = max(map(len, [*results, *headings])) + 2
-
-    def block(heading: str, columns: list[str], aggregate: str, mean: bool) -> list[str]:
-        lines = [f"{heading:<{width}}" + "".join(f"{task_spec(t).title:>8}" for t in columns)
-                 + (f"{'avg':>8}" if mean else "")]
-        for method, scores in results.items():
-            values = [getattr(scores[t], aggregate) if t in scores else float("nan") for t in columns]
-            lines.append(f"{method:<{width}}" + "".join(f"{v:8.2f}" for v in values)
-                         + (f"{np.nanmean(values):8.2f}" if mean else ""))
-        return lines
-
-    lines = block(headings[0], tasks, "wmean", mean=True)
-    if with_subsets:
-        lines += ["(STS12-16: wmean over sub-datasets)", *block(headings[1], with_subsets, "all", mean=False)]
-    return "\n".join(lines)
-
-
-def _format_timing(timing: dict) -> str:
-    fast = timing["fast"]
-    lines = [f"fit on {timing['task']} ({fast['n_sentences']} sentences, {fast['n_distinct']} distinct): "
-             f"fast path {fast['total_seconds']:.1f}s (encode {fast['encode_seconds']:.1f}s), "
-             f"Spearman {fast['spearman']:.2f}"]
-    indent = " " * len("fit on ")
-    if timing.get("eager_steps") == "all":
-        eager = timing["eager"]
-        lines.append(f"{indent}eager path {eager['total_seconds']:.1f}s, Spearman "
-                     f"{eager['spearman']:.2f}: eager/fast time ratio {timing['eager_over_fast']:.1f}")
-    elif "eager" in timing:
-        eager, fast_n, n = timing["eager"], timing["fast_same_steps"], timing["eager_steps"]
-        lines += [f"{indent}first {n} steps (same batches), eager path: {eager['total_seconds']:.1f}s for {n} steps, "
-                  f"{eager['total_seconds'] / n:.3f}s per step (encoding every batch: {eager['encode_seconds']:.1f}s)",
-                  f"{indent}first {n} steps (same batches), fast path: {fast_n['total_seconds']:.2f}s for {n} steps, "
-                  f"{fast_n['total_seconds'] / n:.4f}s per step (embeddings cached by the fit above)",
-                  f"{indent}eager/fast time ratio on these {n} steps {timing['eager_over_fast']:.1f} "
-                  f"(the whole eager fit: --eager-full)"]
-    return "\n".join(lines)
-
-
-def _scores_json(results: dict[str, dict]) -> dict:
-    return {method: {task: score.to_dict() for task, score in scores.items()} for method, scores in results.items()}
+    encoder = dict(name_or_path=args.encoder, pooling=args.pooling, max_length=args.max_length, device=args.device,
+                   cache_dir=args.cache_dir)
+    demo(tasks, args.out_dir, encoder=encoder, flow=_flow_config(args), fit=_fit_kwargs(args, progress),
+         seed=args.seed, data_dir=args.data_dir, max_pairs=args.max_pairs, eager_steps=args.eager_steps,
+         eager_full=args.eager_full, skip_eager=args.skip_eager, random_pairs=args.random_pairs, progress=progress)
 
 
 def _write_json(path: str | os.PathLike, payload: dict) -> None:
     Path(path).write_text(json.dumps(payload, indent=2, allow_nan=True) + "\n", encoding="utf-8")
-
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- entry point

@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Top to bottom. A module belongs to the layer of the longest prefix naming it. The root package `flowkern` (itself
 # only, not as a prefix) is the front door that may re-export any layer, so nothing below the application imports it.
 LAYERS = {
-    "application": ("flowkern", "flowkern.__main__", "flowkern.cli", "flowkern.bench", "flowkern.embed",
-                    "flowkern.integrations"),
+    "application": ("flowkern", "flowkern.__main__", "flowkern.cli", "flowkern.demo", "flowkern.bench",
+                    "flowkern.embed", "flowkern.integrations"),
     "models": ("flowkern.models", "flowkern.data"),
     "nn": ("flowkern.nn",),
     "ops": ("flowkern.ops", "flowkern.backend"),

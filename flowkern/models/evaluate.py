@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from flowkern.data import StsPairs, load_task
+from flowkern.data import StsPairs, load_task, task_spec
 
 Embedder = Callable[[Sequence[str]], "np.ndarray | torch.Tensor"]
 
@@ -69,3 +69,32 @@ def evaluate(embed: Embedder, tasks: Sequence[str], data_dir: str | os.PathLike 
              max_pairs: int | None = None, seed: int = 0) -> dict[str, TaskScore]:
     """Score ``embed`` on each named STS task (see flowkern.data.TASKS)."""
     return {task: evaluate_pairs(embed, load_task(task, data_dir, max_pairs, seed), task) for task in tasks}
+
+
+def format_table(results: dict[str, dict[str, TaskScore]]) -> str:
+    """Methods x tasks, Spearman x 100, with the mean over tasks. STS12-16 use "wmean" (size-weighted
+    mean over sub-datasets, as in the paper); a second block gives their "all" (pairs concatenated)."""
+
+    tasks = list(dict.fromkeys(t for scores in results.values() for t in scores))
+    with_subsets = [t for t in tasks if any(t in s and s[t].subsets for s in results.values())]
+    headings = ("Spearman x 100", "all: concatenated")
+    width = max(map(len, [*results, *headings])) + 2
+
+    def block(heading: str, columns: list[str], aggregate: str, mean: bool) -> list[str]:
+        lines = [f"{heading:<{width}}" + "".join(f"{task_spec(t).title:>8}" for t in columns)
+                 + (f"{'avg':>8}" if mean else "")]
+        for method, scores in results.items():
+            values = [getattr(scores[t], aggregate) if t in scores else float("nan") for t in columns]
+            lines.append(f"{method:<{width}}" + "".join(f"{v:8.2f}" for v in values)
+                         + (f"{np.nanmean(values):8.2f}" if mean else ""))
+        return lines
+
+    lines = block(headings[0], tasks, "wmean", mean=True)
+    if with_subsets:
+        lines += ["(STS12-16: wmean over sub-datasets)", *block(headings[1], with_subsets, "all", mean=False)]
+    return "\n".join(lines)
+
+
+def scores_json(results: dict[str, dict[str, TaskScore]]) -> dict:
+    """Methods x tasks as plain dicts, for a JSON report."""
+    return {method: {task: score.to_dict() for task, score in scores.items()} for method, scores in results.items()}
