@@ -11,6 +11,7 @@ import flowkern
 from flowkern.nn import Glow
 from tests.conftest import KERNEL_BACKENDS
 from tests.helpers import randomize_
+from tests.pairwise import pairwise_parametrize
 
 BACKENDS = ["torch"] + [b for b in KERNEL_BACKENDS if b in ("triton", "cpp")]
 FLOWS = [("affine", "lu"), ("additive", "reverse")]
@@ -75,11 +76,9 @@ def _per_op(flow: Glow, x: torch.Tensor):
         flow.fuse = True
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("coupling, mixing", FLOWS)
-@pytest.mark.parametrize("writer", sorted(WRITERS))
-def test_every_call_reads_the_parameters_as_they_are_now(backend, coupling, mixing, writer):
-    flow = _initialized_flow(coupling, mixing)
+@pairwise_parametrize(writer=sorted(WRITERS), flow=FLOWS, backend=BACKENDS)
+def test_every_call_reads_the_parameters_as_they_are_now(writer, flow, backend):
+    flow = _initialized_flow(*flow)
     x = torch.randn(21, 16)
     with flowkern.use_backend(backend), torch.no_grad():
         expected_path = "reference" if backend == "torch" else "fused"

@@ -7,6 +7,7 @@ import flowkern
 from flowkern.nn import (ActNorm, AdditiveCoupling, AffineCoupling, FlowStep, Glow, InvConv1x1, MLPSubnet,
                          Squeeze)
 from tests.helpers import backends_for_invariants, randomize_, random_input
+from tests.pairwise import pairwise_parametrize
 
 BACKENDS, INTERPRETED = backends_for_invariants()
 
@@ -32,10 +33,7 @@ def jacobian_log_det(fn, x: torch.Tensor) -> torch.Tensor:
     return torch.stack(dets)
 
 
-@pytest.mark.parametrize("image", [False, True], ids=["BC", "BCHW"])
-@pytest.mark.parametrize("channels", [6, 7])
-@pytest.mark.parametrize("layer", sorted(LAYERS))
-@pytest.mark.parametrize("backend", BACKENDS)
+@pairwise_parametrize(backend=BACKENDS, layer=sorted(LAYERS), channels=[6, 7], image=[False, True])
 def test_layer_log_det_matches_jacobian(backend, layer, channels, image):
     module = randomize_(LAYERS[layer](channels, image)).double()
     x = random_input(3, channels, image, torch.float64, hw=(2, 4))
@@ -44,11 +42,9 @@ def test_layer_log_det_matches_jacobian(backend, layer, channels, image):
         torch.testing.assert_close(log_det, jacobian_log_det(lambda s: module(s)[0], x), rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("mixing", ["lu", "reverse", "random"])
-@pytest.mark.parametrize("coupling", ["additive", "affine"])
-@pytest.mark.parametrize("image", [False, True], ids=["BC", "BCHW"])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_glow_log_det_matches_jacobian(backend, coupling, mixing, image):
+@pairwise_parametrize(backend=BACKENDS, image=[False, True], coupling=["additive", "affine"],
+                      mixing=["lu", "reverse", "random"])
+def test_glow_log_det_matches_jacobian(backend, image, coupling, mixing):
     _check_glow_log_det(backend, coupling, mixing, image)
 
 

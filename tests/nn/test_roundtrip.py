@@ -8,6 +8,7 @@ import flowkern
 from flowkern.nn import (ActNorm, AdditiveCoupling, AffineCoupling, FlowStep, Glow, InvConv1x1, Split,
                          Squeeze)
 from tests.helpers import backends_for_invariants, randomize_, random_input, rel_err
+from tests.pairwise import pairwise_parametrize
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
 BACKENDS, INTERPRETED = backends_for_invariants()
@@ -28,12 +29,10 @@ def _build(make, channels, image, dtype):
     return randomize_(make(channels, image)).to(dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("image", [False, True], ids=["BC", "BCHW"])
-@pytest.mark.parametrize("channels,batch", [(6, 1), (10, 3), (770, 129)])
-@pytest.mark.parametrize("layer", sorted(LAYERS))
-@pytest.mark.parametrize("mode", ["train", "eval"])
-def test_layer_round_trip(layer, channels, batch, image, dtype, mode):
+@pairwise_parametrize(mode=["train", "eval"], layer=sorted(LAYERS), size=[(6, 1), (10, 3), (770, 129)],
+                      image=[False, True], dtype=[torch.float32, torch.float64])
+def test_layer_round_trip(mode, layer, size, image, dtype):
+    channels, batch = size
     if image and channels == 770:
         batch = 3  # keep the [B, 770, H, W] case small; the 770-channel math is the same as [B, C]
     module = _build(LAYERS[layer], channels, image, dtype).train(mode == "train")
@@ -74,16 +73,15 @@ def test_squeeze_round_trip(dtype):
     assert torch.equal(Squeeze()(vector)[0], vector)
 
 
-GLOW_CASES = [(6, 1, False), (10, 3, False), (770, 129, False), (6, 2, True), (10, 3, True)]
+# (channels, batch, image) by name
+GLOW_CASES = {f"C{c}-B{b}-{'img' if i else 'vec'}": (c, b, i)
+              for c, b, i in [(6, 1, False), (10, 3, False), (770, 129, False), (6, 2, True), (10, 3, True)]}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("mixing", ["lu", "reverse", "random"])
-@pytest.mark.parametrize("coupling", ["additive", "affine"])
-@pytest.mark.parametrize("channels,batch,image", GLOW_CASES, ids=[f"C{c}-B{b}-{'img' if i else 'vec'}"
-                                                                 for c, b, i in GLOW_CASES])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_glow_round_trip(backend, channels, batch, image, coupling, mixing, dtype):
+@pairwise_parametrize(backend=BACKENDS, case=GLOW_CASES, coupling=["additive", "affine"],
+                      mixing=["lu", "reverse", "random"], dtype=[torch.float32, torch.float64])
+def test_glow_round_trip(backend, case, coupling, mixing, dtype):
+    channels, batch, image = GLOW_CASES[case]
     with flowkern.use_backend(backend):
         _check_glow_round_trip(channels, batch, image, coupling, mixing, dtype)
 
