@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -22,21 +21,9 @@ import torch
 
 import flowkern
 from flowkern import TrainStep, nn, ops
+from flowkern.bench.timer import Timer
 
 BACKENDS = ("torch", "cpp")
-
-
-def _median_ms(fn, repeats: int, min_seconds: float) -> float:
-    fn()  # warm-up: allocations, caches, first-call work
-    times = []
-    started = time.perf_counter()
-    while len(times) < repeats or time.perf_counter() - started < min_seconds:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        if len(times) >= 10 * repeats:
-            break
-    return 1e3 * statistics.median(times)
 
 
 def _glow(coupling: str, mixing: str) -> nn.Glow:
@@ -124,11 +111,13 @@ def main(argv=None) -> int:
     flowkern.set_finite_checks(False)
 
     cases = list(_whole_flow_cases(args.quick)) + ([] if args.quick else list(_op_cases()))
+    # About a second of calls per case and backend: at least --repeats, at most ten times that.
+    timer = Timer("cpu", warmup_ms=0, rep_ms=1000, min_reps=args.repeats, max_reps=10 * args.repeats)
     rows = []
     for case, fn in cases:
         for name in BACKENDS:
             with flowkern.use_backend(name):
-                rows.append({"case": case, "backend": name, "ms": _median_ms(fn, args.repeats, 1.0)})
+                rows.append({"case": case, "backend": name, "ms": timer.median_ms(fn)})
         print(f"  measured {case}", file=sys.stderr)
     if args.fit:
         data_dir = Path(os.environ.get("FLOWKERN_DATA", Path(__file__).resolve().parents[2] / "shared/data/sts"))
@@ -136,7 +125,7 @@ def main(argv=None) -> int:
 
     machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                f"torch {torch.__version__}, python {platform.python_version()}")
-    print(f"flowkern CPU: cpp vs torch backend ({machine}); median ms")
+    print(f"flowkern CPU: cpp vs torch backend ({machine}); {timer.describe()}")
     print(f"{'case':52s} {'torch':>10s} {'cpp':>10s} {'torch/cpp':>10s}")
     by_case: dict[str, dict[str, float]] = {}
     for row in rows:

@@ -9,25 +9,15 @@ backend "auto" picks for CPU tensors; prints medians of 40 calls, `repeats` time
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from flowkern import backend
+from flowkern.bench.timer import Timer
 from flowkern.nn import Glow
 from flowkern.ops.glow_ops import BACKENDS as GLOW_BACKENDS
 
-
-def median_ms(fn, calls: int = 40) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+CALLS = 40
 
 
 def main() -> None:
@@ -36,6 +26,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.manual_seed(0)
+    timer = Timer("cpu", warmup_ms=0, min_reps=CALLS, max_reps=CALLS)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}")
     for coupling, mixing in [("additive", "reverse"), ("affine", "lu")]:
         flow = Glow(768, 3, 3, 32, coupling=coupling, mixing=mixing)
@@ -47,9 +38,9 @@ def main() -> None:
             for direction, call in [("forward", lambda: flow(x)), ("inverse", lambda: flow.inverse(x))]:
                 runs = []
                 for _ in range(args.repeats):
-                    per_call = median_ms(call)
+                    per_call = timer.median_ms(call)
                     with flow.frozen():
-                        frozen = median_ms(call)
+                        frozen = timer.median_ms(call)
                     runs.append(f"{per_call:.2f} vs {frozen:.2f} ms")
                 print(f"{coupling}+{mixing} {direction} ({where}): packed per call vs frozen: {'; '.join(runs)}")
 
