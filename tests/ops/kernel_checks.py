@@ -161,6 +161,8 @@ needs_hopper_toolchain = pytest.mark.skipif(not _hopper_toolchain_present(),
                                             reason="needs Triton's NVIDIA toolchain (ptxas)")
 # Register spills allowed in a kernel as the launchers configure it for the GPU (bytes of stack per thread).
 MAX_SPILL_BYTES = 64
+# The activation dtypes the compile checks sample, as hopper_case names them.
+HOPPER_ACTIVATIONS = {torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 def hopper_case(module: str, kernel: str, blocks: dict, constexprs: dict, activation: str = "fp32",

@@ -11,6 +11,7 @@ from tests.conftest import GPU_KERNEL_BACKENDS, KERNEL_BACKENDS
 from tests.ops.kernel_cases import (GPU_DTYPES, GPU_ODD_SHAPES, LAYOUTS, LOW_PRECISION, SHAPES, assert_close,
                                     device_for, grad_dtype, make, pixels)
 from tests.ops.kernel_checks import assert_compiled_matches_float64
+from tests.pairwise import pairwise_parametrize
 
 FACTOR = 3.0
 
@@ -47,20 +48,14 @@ def _check_forward_backward(impl: str, x: torch.Tensor, bias: torch.Tensor, logs
     assert_close(grads[2], grads64[2], grad_dtype(dtype), terms=FACTOR * batch * pixel_count)
 
 
-@pytest.mark.parametrize("impl", KERNEL_BACKENDS)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", [torch.float32] + LOW_PRECISION)
+@pairwise_parametrize(impl=KERNEL_BACKENDS, shape=SHAPES, layout=LAYOUTS, dtype=[torch.float32] + LOW_PRECISION)
 def test_forward_and_backward_match_reference(impl, shape, layout, dtype):
     device = device_for(impl)
     _check_forward_backward(impl, make(shape, dtype, layout, device=device), *_params(shape[1], device),
                             grad_layout=layout)
 
 
-@pytest.mark.parametrize("impl", KERNEL_BACKENDS)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", [torch.float32] + LOW_PRECISION)
+@pairwise_parametrize(impl=KERNEL_BACKENDS, shape=SHAPES, layout=LAYOUTS, dtype=[torch.float32] + LOW_PRECISION)
 def test_inverse_matches_reference(impl, shape, layout, dtype):
     device = device_for(impl)
     y = make(shape, dtype, layout, device=device).requires_grad_()

@@ -11,6 +11,7 @@ from tests.conftest import GPU_KERNEL_BACKENDS, KERNEL_BACKENDS
 from tests.ops.kernel_checks import assert_compiled_matches_float64
 from tests.ops.kernel_cases import (GPU_DTYPES, GPU_ODD_SHAPES, LAYOUTS, LOW_PRECISION, SHAPES, assert_close,
                                     device_for, grad_dtype, make)
+from tests.pairwise import pairwise_parametrize
 
 KINDS = {"additive": False, "affine": True}
 
@@ -51,21 +52,15 @@ def _check_forward_backward(impl: str, x2: torch.Tensor, h: torch.Tensor, affine
     assert_close(grads[1], grads64[1], h.dtype)
 
 
-@pytest.mark.parametrize("impl", KERNEL_BACKENDS)
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", [torch.float32] + LOW_PRECISION)
+@pairwise_parametrize(impl=KERNEL_BACKENDS, kind=KINDS, shape=SHAPES, layout=LAYOUTS,
+                      dtype=[torch.float32] + LOW_PRECISION)
 def test_forward_and_backward_match_reference(impl, kind, shape, layout, dtype):
     x2, h = _inputs(shape, KINDS[kind], dtype, layout, device_for(impl))
     _check_forward_backward(impl, x2, h, KINDS[kind], grad_layout=layout)
 
 
-@pytest.mark.parametrize("impl", KERNEL_BACKENDS)
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", [torch.float32] + LOW_PRECISION)
+@pairwise_parametrize(impl=KERNEL_BACKENDS, kind=KINDS, shape=SHAPES, layout=LAYOUTS,
+                      dtype=[torch.float32] + LOW_PRECISION)
 def test_inverse_matches_reference(impl, kind, shape, layout, dtype):
     affine = KINDS[kind]
     z2, h = _inputs(shape, affine, dtype, layout, device_for(impl))

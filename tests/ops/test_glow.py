@@ -15,20 +15,19 @@ from flowkern.ops.glow_ops import GlowPlan, glow_ref, pack_forward
 from tests.conftest import KERNEL_BACKENDS
 from tests.helpers import randomize_
 from tests.ops.kernel_cases import assert_close, device_for, grad_dtype, make
-from tests.ops.kernel_checks import (MAX_SPILL_BYTES, LauncherCalls, compile_for_hopper, hopper_case,
-                                     needs_hopper_toolchain)
+from tests.ops.kernel_checks import (HOPPER_ACTIVATIONS, MAX_SPILL_BYTES, LauncherCalls, compile_for_hopper,
+                                     hopper_case, needs_hopper_toolchain)
+from tests.pairwise import all_pairs, pairwise_parametrize
 
 needs_triton = pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="needs the triton backend")
 # Kernel backends with a whole-Glow kernel here: Triton (GPU, or the interpreter) and the compiled CPU kernel.
 GLOW_BACKENDS = [b for b in KERNEL_BACKENDS if b in ("triton", "cpp")]
 each_backend = pytest.mark.parametrize("impl", GLOW_BACKENDS)
 LAUNCHER_MODULES = {"triton": "flowkern.kernels.triton.glow", "cpp": "flowkern.kernels.compiled"}
-COMBOS = [(coupling, mixing) for coupling in ("additive", "affine") for mixing in ("reverse", "random", "lu")]
 # (channels, levels): odd channel counts put the extra channel in the kept half; 131 over 3 levels gives level
-# sizes 131, 66, 33, and 130/131 span two of the interpreted kernels' 128-channel chunks. Every combination at
-# three sizes, two at a fourth (the interpreter is slow).
-CASES = ([(c, l, coupling, mixing) for c, l in [(10, 1), (10, 3), (131, 3)] for coupling, mixing in COMBOS]
-         + [(130, 2, "additive", "reverse"), (130, 2, "affine", "lu")])
+# sizes 131, 66, 33, and 130/131 span two of the interpreted kernels' 128-channel chunks. Pairwise over backends,
+# sizes, couplings and mixings (the interpreter is slow).
+SIZES = [(10, 1), (10, 3), (131, 3), (130, 2)]
 LAUNCHERS = ("glow_fwd", "glow_inv", "glow_bwd")
 
 
@@ -86,20 +85,20 @@ def _compare(flow: Glow, x: torch.Tensor, dtype: torch.dtype, impl: str = "trito
             raise AssertionError(f"gradient of {name}: {error}") from None
 
 
-@each_backend
-@pytest.mark.parametrize("channels, levels, coupling, mixing", CASES)
-def test_fused_matches_float64_reference(impl, channels, levels, coupling, mixing):
+@pairwise_parametrize(impl=GLOW_BACKENDS, sizes=SIZES, coupling=["additive", "affine"],
+                      mixing=["reverse", "random", "lu"])
+def test_fused_matches_float64_reference(impl, sizes, coupling, mixing):
+    channels, levels = sizes
     device = device_for(impl)
     _compare(_flow(channels, levels, coupling, mixing, device), make((37, channels), device=device),
              torch.float32, impl)
 
 
-@each_backend
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("coupling, mixing", [("additive", "reverse"), ("affine", "lu")])
-def test_fused_dtypes(impl, dtype, coupling, mixing):
+@pairwise_parametrize(impl=GLOW_BACKENDS, dtype=[torch.bfloat16, torch.float16, torch.float64],
+                      flow=[("additive", "reverse"), ("affine", "lu")])
+def test_fused_dtypes(impl, dtype, flow):
     device = device_for(impl)
-    flow = _flow(67, 2, coupling, mixing, device)
+    flow = _flow(67, 2, *flow, device)
     if dtype == torch.float64:
         flow = flow.double()
     _compare(flow, make((21, 67), dtype, device=device), dtype, impl)
@@ -316,22 +315,20 @@ def test_fused_glow_compiles_without_graph_breaks(impl):
 # ---- the kernels as the GPU runs them, compiled for Hopper here ----
 
 @needs_hopper_toolchain
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_kernels_compile_for_hopper_without_spills(dtype):
+def test_kernels_compile_for_hopper_without_spills():
     kernels = importlib.import_module("flowkern.kernels.triton.glow")
-    activation = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
     pointers = dict(meta_ptr="i64", order_ptr="i32")
+    # (kernel, its blocks, extra constexprs, activation pointers)
+    glow_kernels = [("_glow_fwd_kernel", kernels._blocks(True, 32), dict(SAVE=True), ("x_ptr", "z_ptr")),
+                    ("_glow_inv_kernel", kernels._blocks(True, 32), {}, ("x_ptr", "z_ptr")),
+                    ("_glow_bwd_kernel", kernels._blocks(True, 32, backward=True), {}, ("dz_ptr", "z_ptr", "dx_ptr"))]
     cases = []
-    for affine in (False, True):
-        for lu in (False, True):
-            constexprs = dict(AFFINE=affine, LU=lu, ACC="tl.float32", PRECISION=kernels.dot_precision(dtype))
-            blocks = kernels._blocks(True, 32)
-            cases.append(hopper_case(kernels.__name__, "_glow_fwd_kernel", blocks, {**constexprs, "SAVE": True},
-                                     activation, ("x_ptr", "z_ptr"), pointers))
-            cases.append(hopper_case(kernels.__name__, "_glow_inv_kernel", blocks, constexprs, activation,
-                                     ("x_ptr", "z_ptr"), pointers))
-            cases.append(hopper_case(kernels.__name__, "_glow_bwd_kernel", kernels._blocks(True, 32, backward=True),
-                                     constexprs, activation, ("dz_ptr", "z_ptr", "dx_ptr"), pointers))
+    # Every kernel, activation dtype and option, and every pair of them, compiled once.
+    for (kernel, blocks, extra, activation_args), dtype, affine, lu in all_pairs(
+            [glow_kernels, list(HOPPER_ACTIVATIONS), [False, True], [False, True]]):
+        constexprs = dict(AFFINE=affine, LU=lu, ACC="tl.float32", PRECISION=kernels.dot_precision(dtype), **extra)
+        cases.append(hopper_case(kernels.__name__, kernel, blocks, constexprs, HOPPER_ACTIVATIONS[dtype],
+                                 activation_args, pointers))
     spills = compile_for_hopper(cases)
     assert max(spills) <= MAX_SPILL_BYTES, list(zip([(c["kernel"], c["constexprs"]) for c in cases], spills))
 

@@ -14,11 +14,12 @@ from flowkern.nn import FlowStep, Glow
 from flowkern.ops import invconv_ops
 from tests.conftest import GPU_KERNEL_BACKENDS, KERNEL_BACKENDS
 from tests.helpers import randomize_
-from tests.ops.kernel_checks import (MAX_SPILL_BYTES, LauncherCalls, assert_compiled_matches_float64,
+from tests.ops.kernel_checks import (HOPPER_ACTIVATIONS, MAX_SPILL_BYTES, LauncherCalls, assert_compiled_matches_float64,
                                      assert_training_step_matches_torch,
                                      compile_for_hopper, hopper_case, needs_hopper_toolchain)
 from tests.ops.kernel_cases import (GPU_ODD_SHAPES, LAYOUTS, LOW_PRECISION, SHAPES, assert_close, device_for,
                                     grad_dtype, make, pixels)
+from tests.pairwise import all_pairs, pairwise_parametrize
 
 FACTOR = 3.0
 
@@ -120,11 +121,8 @@ def _check_mixing(impl: str, x: torch.Tensor, with_actnorm: bool, weight_layout:
         assert_close(grad, grad64, param_dtype, terms=channels * rows)
 
 
-@pytest.mark.parametrize("impl", KERNEL_BACKENDS)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", [torch.float32] + LOW_PRECISION)
-@pytest.mark.parametrize("with_actnorm", [True, False], ids=["actnorm_invconv", "invconv"])
+@pairwise_parametrize(impl=KERNEL_BACKENDS, shape=SHAPES, layout=LAYOUTS, dtype=[torch.float32] + LOW_PRECISION,
+                      with_actnorm=[True, False])
 def test_mixing_matches_reference(impl, shape, layout, dtype, with_actnorm):
     x = make(shape, dtype, layout, device=device_for(impl))
     _check_mixing(impl, x, with_actnorm, weight_layout=layout, grad_layout=layout)
@@ -143,14 +141,8 @@ def test_mixing_spatially_transposed(impl):
     _check_mixing(impl, x, True, "contiguous", "spatially_transposed")
 
 
-# The inverse runs the forward's GEMM kernel (tested above in every layout and dtype) with W^-1: every layout in
-# fp32, one non-contiguous layout in low precision.
-_INVERSE_CASES = [(layout, torch.float32) for layout in LAYOUTS] + [("strided", dtype) for dtype in LOW_PRECISION]
-
-
-@pytest.mark.parametrize("impl", KERNEL_BACKENDS)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("layout, dtype", _INVERSE_CASES)
+# The inverse runs the forward's GEMM kernel (tested above) with W^-1.
+@pairwise_parametrize(impl=KERNEL_BACKENDS, shape=SHAPES, layout=LAYOUTS, dtype=[torch.float32] + LOW_PRECISION)
 def test_inverse_matches_reference(impl, shape, layout, dtype):
     device = device_for(impl)
     factors = _lu_factors(shape[1], device)
@@ -330,19 +322,18 @@ def test_glow_lu_training_step_matches_torch(shape):
 
 
 @needs_hopper_toolchain
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_kernels_compile_for_hopper_without_spills(dtype):
+def test_kernels_compile_for_hopper_without_spills():
     kernels = importlib.import_module("flowkern.kernels.triton.invconv")
     module = kernels.__name__
-    activation = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
     cases = []
-    for kernel, blocks in [("_mix_rows_kernel", kernels._gemm_blocks(True)),
-                           ("_mix_rows_input_grad_kernel", kernels._gemm_blocks(True)),
-                           ("_mix_rows_weight_grad_kernel", kernels._weight_grad_blocks(True))]:
-        for with_actnorm in (True, False):
-            constexprs = dict(HAS_ACTNORM=with_actnorm, ACC="tl.float32", PRECISION=kernels.dot_precision(dtype))
-            cases.append(hopper_case(module, kernel, blocks, constexprs, activation,
-                                     ("x_ptr", "y_ptr", "dy_ptr", "dx_ptr")))
+    # Every kernel, activation dtype and ActNorm option, and every pair of them, compiled once.
+    mixing_kernels = [("_mix_rows_kernel", kernels._gemm_blocks(True)),
+                      ("_mix_rows_input_grad_kernel", kernels._gemm_blocks(True)),
+                      ("_mix_rows_weight_grad_kernel", kernels._weight_grad_blocks(True))]
+    for (kernel, blocks), dtype, with_actnorm in all_pairs([mixing_kernels, list(HOPPER_ACTIVATIONS), [True, False]]):
+        constexprs = dict(HAS_ACTNORM=with_actnorm, ACC="tl.float32", PRECISION=kernels.dot_precision(dtype))
+        cases.append(hopper_case(module, kernel, blocks, constexprs, HOPPER_ACTIVATIONS[dtype],
+                                 ("x_ptr", "y_ptr", "dy_ptr", "dx_ptr")))
     for kernel in ("_lu_weight_kernel", "_lu_weight_grad_kernel"):
         cases.append(hopper_case(module, kernel, kernels._square_block(True), dict(ACC="tl.float32")))
     spills = compile_for_hopper(cases)

@@ -14,9 +14,10 @@ from flowkern.ops.mlp_coupling_ops import MAX_FUSED_HIDDEN, mlp_coupling_inverse
 from tests.conftest import KERNEL_BACKENDS
 from tests.ops.kernel_cases import LAYOUTS, LOW_PRECISION, assert_close, device_for, grad_dtype, make
 from tests.helpers import randomize_
-from tests.ops.kernel_checks import (MAX_SPILL_BYTES, LauncherCalls, assert_compiled_matches_float64,
+from tests.ops.kernel_checks import (HOPPER_ACTIVATIONS, MAX_SPILL_BYTES, LauncherCalls, assert_compiled_matches_float64,
                                      assert_training_step_matches_torch,
                                      compile_for_hopper, hopper_case, needs_hopper_toolchain)
+from tests.pairwise import all_pairs, pairwise_parametrize
 
 FACTOR = 3.0
 # (batch, channels, hidden): odd batches and channel counts (odd C gives x1 one channel more than x2), hidden
@@ -75,18 +76,10 @@ def _check(impl: str, batch: int, channels: int, hidden: int, affine: bool, dtyp
         assert_close(grad, grad64, grad_dtype(dtype), terms=batch * (terms + c2))
 
 
-@pytest.mark.parametrize("impl", KERNEL_BACKENDS)
-@pytest.mark.parametrize("batch, channels, hidden", CASES)
-@pytest.mark.parametrize("affine", [False, True], ids=["additive", "affine"])
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", [torch.float32] + LOW_PRECISION)
-def test_forward_and_backward_match_reference(impl, batch, channels, hidden, affine, layout, dtype):
-    _check(impl, batch, channels, hidden, affine, dtype, layout, inverse=False, device=device_for(impl))
-
-
-# The inverse shares the forward's kernels but for its epilogue: every layout in fp32, one non-contiguous layout
-# in low precision.
-_INVERSE_CASES = [(layout, torch.float32) for layout in LAYOUTS] + [("strided", dtype) for dtype in LOW_PRECISION]
+@pairwise_parametrize(impl=KERNEL_BACKENDS, sizes=CASES, affine=[False, True], layout=LAYOUTS,
+                      dtype=[torch.float32] + LOW_PRECISION)
+def test_forward_and_backward_match_reference(impl, sizes, affine, layout, dtype):
+    _check(impl, *sizes, affine, dtype, layout, inverse=False, device=device_for(impl))
 
 
 @pytest.mark.parametrize("impl", KERNEL_BACKENDS)
@@ -106,12 +99,11 @@ def test_low_precision_check_catches_a_two_percent_error(monkeypatch, impl, laun
         _check(impl, 33, 130, 32, True, dtype, "contiguous", False, device_for(impl))
 
 
-@pytest.mark.parametrize("impl", KERNEL_BACKENDS)
-@pytest.mark.parametrize("batch, channels, hidden", CASES)
-@pytest.mark.parametrize("affine", [False, True], ids=["additive", "affine"])
-@pytest.mark.parametrize("layout, dtype", _INVERSE_CASES)
-def test_inverse_and_its_backward_match_reference(impl, batch, channels, hidden, affine, layout, dtype):
-    _check(impl, batch, channels, hidden, affine, dtype, layout, inverse=True, device=device_for(impl))
+# The inverse shares the forward's kernels but for its epilogue.
+@pairwise_parametrize(impl=KERNEL_BACKENDS, sizes=CASES, affine=[False, True], layout=LAYOUTS,
+                      dtype=[torch.float32] + LOW_PRECISION)
+def test_inverse_and_its_backward_match_reference(impl, sizes, affine, layout, dtype):
+    _check(impl, *sizes, affine, dtype, layout, inverse=True, device=device_for(impl))
 
 
 @pytest.mark.parametrize("impl", KERNEL_BACKENDS)
@@ -260,21 +252,18 @@ def test_glow_affine_training_step_matches_torch(mixing):
 # ---- the kernels as the GPU runs them, compiled for Hopper here ----
 
 @needs_hopper_toolchain
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_kernels_compile_for_hopper_without_spills(dtype):
+def test_kernels_compile_for_hopper_without_spills():
     kernels = importlib.import_module("flowkern.kernels.triton.mlp_coupling")
-    activation = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
     activation_args = ("x1_ptr", "in2_ptr", "out2_ptr", "dout_ptr", "din2_ptr", "dx1_ptr")
     cases = []
-    for hidden in (32, 64):
-        for affine in (False, True):
-            for inverse in (False, True):
-                constexprs = dict(AFFINE=affine, INVERSE=inverse, ACC="tl.float32",
-                                  PRECISION=kernels.dot_precision(dtype))
-                for kernel, backward in (("_mlp_coupling_kernel", False), ("_mlp_coupling_bwd_kernel", True)):
-                    blocks = kernels._blocks(True, dtype, hidden, backward)
-                    cases.append(hopper_case(kernels.__name__, kernel, blocks, constexprs, activation,
-                                             activation_args))
+    # Every kernel, activation dtype, hidden width and option, and every pair of them, compiled once.
+    for (kernel, backward), dtype, hidden, affine, inverse in all_pairs([
+            [("_mlp_coupling_kernel", False), ("_mlp_coupling_bwd_kernel", True)], list(HOPPER_ACTIVATIONS),
+            [32, 64], [False, True], [False, True]]):
+        constexprs = dict(AFFINE=affine, INVERSE=inverse, ACC="tl.float32", PRECISION=kernels.dot_precision(dtype))
+        blocks = kernels._blocks(True, dtype, hidden, backward)
+        cases.append(hopper_case(kernels.__name__, kernel, blocks, constexprs, HOPPER_ACTIVATIONS[dtype],
+                                 activation_args))
     spills = compile_for_hopper(cases)
     assert max(spills) <= MAX_SPILL_BYTES, list(zip([(c["kernel"], c["constexprs"]) for c in cases], spills))
 

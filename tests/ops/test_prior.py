@@ -11,6 +11,7 @@ from tests.conftest import GPU_KERNEL_BACKENDS, KERNEL_BACKENDS
 from tests.ops.kernel_checks import assert_compiled_matches_float64
 from tests.ops.kernel_cases import (GPU_DTYPES, GPU_ODD_SHAPES, LAYOUTS, LOW_PRECISION, SHAPES, assert_close,
                                     device_for, grad_dtype, make)
+from tests.pairwise import pairwise_cases
 
 
 def _check_forward_backward(impl: str, z: torch.Tensor) -> None:
@@ -30,13 +31,13 @@ def _check_forward_backward(impl: str, z: torch.Tensor) -> None:
     assert_close(grad, grad64, z.dtype)
 
 
-CASES = [(shape, layout) for shape in SHAPES for layout in LAYOUTS]
-CASES += [(shape, "spatially_transposed") for shape in SHAPES if len(shape) == 4]
+# Pairwise over every shape and layout; H and W transposed (the layout the kernel copies) on the 4-D shapes.
+CASES = (pairwise_cases(impl=KERNEL_BACKENDS, shape=SHAPES, layout=LAYOUTS, dtype=[torch.float32] + LOW_PRECISION)
+         + pairwise_cases(impl=KERNEL_BACKENDS, shape=[s for s in SHAPES if len(s) == 4],
+                          layout=["spatially_transposed"], dtype=[torch.float32] + LOW_PRECISION))
 
 
-@pytest.mark.parametrize("impl", KERNEL_BACKENDS)
-@pytest.mark.parametrize(("shape", "layout"), CASES)
-@pytest.mark.parametrize("dtype", [torch.float32] + LOW_PRECISION)
+@pytest.mark.parametrize("impl, shape, layout, dtype", CASES)
 def test_forward_and_backward_match_reference(impl, shape, layout, dtype):
     _check_forward_backward(impl, make(shape, dtype, layout, scale=2.0, device=device_for(impl)))
 
