@@ -11,11 +11,28 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 import flowkern  # noqa: E402
+from tests.background import BACKGROUND  # noqa: E402
 from tests.models.tiny_bert import write_tiny_bert  # noqa: E402
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+
+
+def pytest_collection_finish(session):
+    """Tests whose module defines start_in_background(item) (the compiler checks) queue their slow commands as
+    soon as the run is known (tests/background.py). Not in a pytest-xdist worker, which collects every test but
+    runs only some: there each test starts its own."""
+    if session.config.option.collectonly or hasattr(session.config, "workerinput"):
+        return
+    for item in session.items:
+        start = getattr(getattr(item, "module", None), "start_in_background", None)
+        if start is not None:
+            start(item)
+
+
+def pytest_sessionfinish(session):
+    BACKGROUND.cancel_pending()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,12 +1,14 @@
 """The compiled extension's build: flowkern._C loads where it must, every CUDA source compiles for Hopper with nvcc
 (torch-free, no GPU needed), the torch-free C++ unit tests pass, and the compiled ops reject bad input by name.
 
-The "cpp" backend itself is tested op by op against the float64 references in tests/ops/ (KERNEL_BACKENDS)."""
+The "cpp" backend itself is tested op by op against the float64 references in tests/ops/ (KERNEL_BACKENDS). The
+compilers run in the background from the start of the run (tests/background.py); the tests wait for them."""
 from __future__ import annotations
 
+import functools
 import os
 import shutil
-import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,9 +16,12 @@ import torch
 
 import flowkern
 from flowkern import backend
+from tests.background import BACKGROUND, run_in_order
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
+# The compilers' outputs, for this run only.
+_BUILDS = tempfile.TemporaryDirectory(prefix="flowkern-test-csrc-")
 needs_extension = pytest.mark.skipif("cpp" not in flowkern.backends(), reason="flowkern._C is not built here")
 
 
@@ -39,22 +44,41 @@ def test_cuda_sources_exist():
     assert {p.stem for p in CUDA_SOURCES} >= {"actnorm", "coupling", "prior", "lu_weight", "mlp_coupling"}
 
 
+def _nvcc_job(source: Path):
+    """(name, job) compiling one CUDA source for Hopper."""
+    command = [_nvcc(), "-std=c++17", "-O3", "-arch=sm_90", "-c", str(source), "-I", str(ROOT / "csrc"), "-o",
+               str(Path(_BUILDS.name) / f"{source.stem}.o")]
+    return f"nvcc {source.name}", functools.partial(run_in_order, [command], timeout=600)
+
+
+def _cmake_job():
+    """(name, job) of the CMake build and its C++ unit tests; one compiler at a time, as the tests run beside it."""
+    build = str(Path(_BUILDS.name) / "cmake")
+    commands = [["cmake", "-S", str(ROOT), "-B", build, "-DCMAKE_BUILD_TYPE=Release"],
+                ["cmake", "--build", build, "--parallel", "1"],
+                ["ctest", "--test-dir", build, "--output-on-failure"]]
+    return "cmake", functools.partial(run_in_order, commands, timeout=900)
+
+
+def start_in_background(item) -> None:
+    """Queues the compiler run of a collected test at the start of the run (tests/conftest.py)."""
+    if item.originalname == "test_cuda_source_compiles_for_hopper" and _nvcc() is not None:
+        BACKGROUND.submit(*_nvcc_job(item.callspec.params["source"]))
+    elif item.originalname == "test_cpp_unit_tests_pass" and shutil.which("cmake") is not None:
+        BACKGROUND.submit(*_cmake_job())
+
+
 @pytest.mark.skipif(_nvcc() is None, reason="nvcc not found (set CUDA_HOME)")
 @pytest.mark.parametrize("source", CUDA_SOURCES, ids=lambda p: p.name)
-def test_cuda_source_compiles_for_hopper(source, tmp_path):
-    result = subprocess.run([_nvcc(), "-std=c++17", "-O3", "-arch=sm_90", "-c", str(source), "-I", str(ROOT / "csrc"),
-                             "-o", str(tmp_path / "kernel.o")], capture_output=True, text=True, timeout=600)
+def test_cuda_source_compiles_for_hopper(source):
+    _, result = BACKGROUND.result(*_nvcc_job(source))
     assert result.returncode == 0, result.stderr[-4000:]
 
 
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not found")
-def test_cpp_unit_tests_pass(tmp_path):
-    build = tmp_path / "build"
-    for command in (["cmake", "-S", str(ROOT), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release"],
-                    ["cmake", "--build", str(build), "--parallel", "2"],
-                    ["ctest", "--test-dir", str(build), "--output-on-failure"]):
-        result = subprocess.run(command, capture_output=True, text=True, timeout=900)
-        assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+def test_cpp_unit_tests_pass():
+    command, result = BACKGROUND.result(*_cmake_job())
+    assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
 
 
 @needs_extension
