@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--batch-tokens", type=int, default=None,
                        help="padded tokens per encoder batch (length-sorted batches; default 16384 on GPU, 2048 on "
                             "CPU); part of the job's identity, as it changes the embeddings' last bits")
+    embed.add_argument("--quantize", choices=("int8",), default=None,
+                       help="int8: the encoder's linear layers dynamically quantized (CPU only; faster, slightly "
+                            "different embeddings, see the README's measured results)")
     embed.add_argument("--devices", default=None,
                        help="comma-separated devices, one worker process each (e.g. cuda:0,cuda:1); default: "
                             "every visible GPU, else this process on the CPU")
@@ -281,7 +284,7 @@ def run_embed(args: argparse.Namespace, progress: bool) -> None:
     report = embed(args.input, args.model, args.out, shard_rows=args.shard_rows, format=args.format,
                    field=args.field, column=args.column, id_column=args.id_column, pooled=args.pooled,
                    dtype=args.dtype, resume=args.resume, overwrite=args.overwrite, batch_tokens=args.batch_tokens,
-                   devices=devices, progress=progress)
+                   devices=devices, quantize=args.quantize, progress=progress)
     redone = f", {report.shards_redone} damaged or foreign shards redone" if report.shards_redone else ""
     print(f"embedded {report.rows} sentences into {report.shards} shards of {report.out_dir} "
           f"({report.shards_skipped} shards already done{redone}) in {report.seconds:.1f} s: "

@@ -65,17 +65,21 @@ class BertFlow:
     or None for the embedded all-MiniLM-L6-v2. ``flow``: a Glow, a Glow config dict (original JSON
     keys accepted), or None for the original code's default (3 levels, depth 3, width 32, additive
     coupling, fixed channel reversal). ``seed`` seeds the flow's initialization when it is built here;
-    ``pooling``, ``max_length``, ``device`` and ``cache_dir`` apply when the encoder is built here.
+    ``pooling``, ``max_length``, ``device``, ``cache_dir`` and ``quantize`` apply when the encoder is built here.
+    ``quantize="int8"`` (CPU embedding jobs): the encoder's linear layers dynamically quantized to int8 for
+    encoding (faster, slightly different embeddings; see the README's measured results); not saved with the model.
     """
 
     def __init__(self, encoder: str | os.PathLike | SentenceEncoder | None = None, pooling: str = DEFAULT_POOLING,
                  flow: torch.nn.Module | dict | None = None, max_length: int = DEFAULT_MAX_LENGTH,
                  device: str | torch.device | None = None, cache_dir: str | os.PathLike | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, quantize: str | None = None) -> None:
         if isinstance(encoder, SentenceEncoder):
+            if quantize is not None:
+                raise ValueError("quantize= applies to an encoder built here; pass it to the SentenceEncoder")
             self.encoder = encoder
         else:
-            self.encoder = SentenceEncoder(encoder, pooling, max_length, device, cache_dir)
+            self.encoder = SentenceEncoder(encoder, pooling, max_length, device, cache_dir, quantize)
         if isinstance(flow, torch.nn.Module) and not isinstance(flow, Glow):
             raise ValueError(f"flow must be a flowkern.nn.Glow or a Glow config dict, got {type(flow).__name__}")
         if not isinstance(flow, torch.nn.Module):
@@ -236,11 +240,12 @@ class BertFlow:
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device: str | torch.device | None = None,
-             cache_dir: str | os.PathLike | None = None) -> BertFlow:
+             cache_dir: str | os.PathLike | None = None, quantize: str | None = None) -> BertFlow:
         """Rebuild a model written by :meth:`save` (the encoder is loaded from its recorded name or path, a relative
-        path from ``directory``)."""
+        path from ``directory``); ``quantize`` as in the constructor."""
         config, weights_path = read_saved_config(Path(directory))
-        encoder = SentenceEncoder(config["encoder"], config["pooling"], config["max_length"], device, cache_dir)
+        encoder = SentenceEncoder(config["encoder"], config["pooling"], config["max_length"], device, cache_dir,
+                                  quantize)
         flow = Glow.from_config(config["flow"], channels=encoder.dim)
         try:
             weights = load_file(weights_path)

@@ -1,12 +1,14 @@
 """Frozen HuggingFace encoder + pooling, with a cache of pooled sentence embeddings.
 
 The fast path encodes every distinct sentence once, in batches of similar tokenized length, with dropout
-off (and bf16 autocast on CUDA and on CPUs with native bf16). The eager path (:meth:`SentenceEncoder.pool_batch` with
+off, in bf16 on CUDA (autocast) and on CPUs with native bf16 (a bf16 copy of the weights), or with ``quantize="int8"``
+with the linear layers dynamically quantized to int8 (CPU). The eager path (:meth:`SentenceEncoder.pool_batch` with
 ``reference=True``) reproduces the original recipe: pad to ``max_length``, dropout on.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -14,6 +16,7 @@ import os
 import re
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -29,6 +32,7 @@ EMBEDDED_ENCODER = "embedded:all-MiniLM-L6-v2"
 DEFAULT_MAX_LENGTH = 64
 DEFAULT_POOLING = "first-last-avg"
 POOLINGS = ("cls", "mean", "last2avg", "first-last-avg", "mean-last-N")
+QUANTIZATIONS = ("int8",)
 _MEAN_LAST_N = re.compile(r"mean-last-([1-9][0-9]*)")
 
 
@@ -153,8 +157,7 @@ class _LayerTaps:
 @functools.cache
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX). Only there does the fast path use bf16 on CPU:
-    elsewhere bf16 is emulated and slower (measured: 30 vs 177 sentences/s fp32 on a 2-core AVX2 machine). The
-    speed-up on native-bf16 CPUs has not been measured (no such machine was available)."""
+    elsewhere bf16 is emulated and slower (measured: 30 vs 177 sentences/s fp32 on a 2-core AVX2 machine)."""
     try:
         flags = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
@@ -163,9 +166,40 @@ def cpu_has_native_bf16() -> bool:
 
 
 def default_bf16(device: torch.device) -> bool:
-    """The fast path's precision: bf16 autocast on CUDA, and on CPUs with native bf16 (STS-B Spearman of the
+    """The fast path's precision: bf16 on CUDA, and on CPUs with native bf16 (STS-B Spearman of the
     embedded MiniLM: 81.55 in both, embeddings within 5e-3 of fp32); fp32 elsewhere."""
     return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+
+
+def check_quantize(quantize: str | None, device: torch.device) -> str | None:
+    if quantize is None:
+        return None
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantize {quantize!r}; choose one of {', '.join(QUANTIZATIONS)} (or None)")
+    if device.type != "cpu":
+        raise ValueError(f"quantize={quantize!r} (int8 linear layers) runs on the CPU only; the encoder is on "
+                         f"{device}")
+    return quantize
+
+
+def quantize_linear_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` with every nn.Linear dynamically quantized to int8 (weights per output channel,
+    activations per batch, int8 GEMMs through fbgemm; the rest of the model stays fp32).
+
+    torch.ao.quantization rather than torchao, which DESIGN.md prefers: torchao 0.18 installs and runs on torch
+    2.13 CPU, but on MiniLM (1,000 STS-B sentences, 2 threads, AVX512-VNNI; a shared machine, so rough) its
+    Int8DynamicActivationInt8WeightConfig took 21.5 s eagerly against 13.5 s for fp32 (the activations are
+    quantized by ~10 separate elementwise passes around each torch._int_mm), and under torch.compile 8-9 s after
+    160 s of compilation, where this took 4.5 s: fbgemm's dynamic linear fuses the quantization into the GEMM.
+    Its activations are scaled per batch (torchao's per row), so a row's embedding depends slightly on its batch.
+    torch.ao warns that it is deprecated; the warnings are silenced for this one call.
+    """
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r".*torch\.ao\.quantization is deprecated", DeprecationWarning)
+        warnings.filterwarnings("ignore", r".*quantize_per_(tensor|channel)", UserWarning)
+        return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, inplace=False)
 
 
 def _default_device() -> torch.device:
@@ -173,11 +207,14 @@ def _default_device() -> torch.device:
 
 
 class SentenceEncoder:
-    """A frozen HuggingFace encoder with a pooling, and a memory (optionally disk) cache of pooled vectors."""
+    """A frozen HuggingFace encoder with a pooling, and a memory (optionally disk) cache of pooled vectors.
+
+    ``quantize="int8"`` (CPU only): the fast path runs a copy whose linear layers are dynamically quantized to
+    int8 (see :func:`quantize_linear_int8`); the eager path and ``model`` stay fp32."""
 
     def __init__(self, name_or_path: str | os.PathLike | None = None, pooling: str = DEFAULT_POOLING,
                  max_length: int = DEFAULT_MAX_LENGTH, device: str | torch.device | None = None,
-                 cache_dir: str | os.PathLike | None = None) -> None:
+                 cache_dir: str | os.PathLike | None = None, quantize: str | None = None) -> None:
         from transformers import AutoModel, AutoTokenizer
 
         source, local = resolve_encoder_source(name_or_path)
@@ -189,15 +226,18 @@ class SentenceEncoder:
             raise ValueError(f"max_length must be at least 2 ([CLS] and [SEP]), got {max_length}")
         self.max_length = max_length
         self.device = torch.device(device) if device is not None else _default_device()
+        self.quantize = check_quantize(quantize, self.device)
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.tokenizer = _from_pretrained(AutoTokenizer, source, local)
         self.model = _from_pretrained(AutoModel, source, local).to(self.device)
         self.model.requires_grad_(False).eval()
         self.n_layers = self.model.config.num_hidden_layers
         self._taps = _LayerTaps(self.model, hidden_state_indices(self.pooling, self.n_layers))
-        self.bf16 = default_bf16(self.device)  # settable
+        self.bf16 = self.quantize is None and default_bf16(self.device)  # settable
         self._source = source
         self._cache: dict[str, torch.Tensor] = {}
+        # (the model it copies, (bf16, quantize) it was made for, the copy)
+        self._fast_copy: tuple[torch.nn.Module, tuple, torch.nn.Module] | None = None
 
     @property
     def dim(self) -> int:
@@ -228,19 +268,39 @@ class SentenceEncoder:
         without blocking (pinned ones asynchronously)."""
         input_ids = input_ids.to(self.device, non_blocking=True)
         attention_mask = attention_mask.to(self.device, non_blocking=True)
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        model = self._fast_model()
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16 and model is self.model)
         taps = self._taps
         with torch.no_grad(), autocast:
             if not taps.available:
-                outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+                outputs = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
                 return pool(outputs.hidden_states, attention_mask, self.pooling)
             taps.states = {}
             try:
-                self.model(input_ids=input_ids, attention_mask=attention_mask)
+                model(input_ids=input_ids, attention_mask=attention_mask)
                 states = taps.states
             finally:
                 taps.states = None
         return pool_selected(states, attention_mask, self.pooling, self.n_layers)
+
+    def _fast_model(self) -> torch.nn.Module:
+        """The model the fast path runs: `model` itself in fp32 and on CUDA (bf16 by autocast there), else a copy
+        made on first use and again when `model`, `bf16` or `quantize` change: bf16 weights on a CPU with native
+        bf16, where autocast re-cast every weight and activation on every call (40% of the encoder's time,
+        measured on MiniLM), or int8 linear layers. The copy carries `model`'s forward hooks (hook functions are
+        shared, not copied), so the layer taps read it too; its BERT pooler, which no pooling reads, is dropped."""
+        if self.quantize is None and not (self.bf16 and self.device.type == "cpu"):
+            return self.model
+        made_for = (self.bf16, self.quantize)
+        if self._fast_copy is None or self._fast_copy[0] is not self.model or self._fast_copy[1] != made_for:
+            if self.quantize == "int8":
+                fast = quantize_linear_int8(self.model)
+            else:
+                fast = copy.deepcopy(self.model).to(torch.bfloat16)
+            if getattr(fast, "pooler", None) is not None:
+                fast.pooler = None
+            self._fast_copy = (self.model, made_for, fast.eval())
+        return self._fast_copy[2]
 
     def encode(self, sentences: Sequence[str], batch_size: int = 128, progress: bool = False) -> torch.Tensor:
         """Pooled float32 embeddings [N, D] on the encoder's device, one row per input sentence.
@@ -280,7 +340,8 @@ class SentenceEncoder:
         if self.cache_dir is None:
             return None
         digest = hashlib.sha256()
-        digest.update(json.dumps([self._model_identity(), self.pooling, self.max_length]).encode())
+        quantized = [self.quantize] if self.quantize else []   # unquantized keys as they were
+        digest.update(json.dumps([self._model_identity(), self.pooling, self.max_length] + quantized).encode())
         for sentence in distinct:
             digest.update(sentence.encode("utf-8", "surrogatepass") + b"\0")
         return self.cache_dir / f"{digest.hexdigest()}.safetensors"

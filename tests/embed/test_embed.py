@@ -119,6 +119,39 @@ def test_a_str_is_one_sentence(model):
     np.testing.assert_array_equal(Embedder(model)("A man is playing."), Embedder(model)(["A man is playing."])[0])
 
 
+def test_one_flow_call_per_window_gives_the_per_batch_path_s_embeddings(model, monkeypatch):
+    embedder = Embedder(model, batch_tokens=64)   # small batches: many per window
+    texts = SENTENCES[::-1]
+    batches = embedder.tokenize(texts)
+    assert len(batches) > 3
+    expected = np.empty((len(texts), embedder.dim), dtype=np.float32)
+    for batch in batches:   # the previous path: the flow applied batch by batch
+        expected[batch.positions] = model.transform(model.encoder.pool_tokens(batch.input_ids,
+                                                                              batch.attention_mask)).numpy()
+    calls = []
+    transform = model.transform
+    monkeypatch.setattr(model, "transform", lambda x: calls.append(len(x)) or transform(x))
+    np.testing.assert_allclose(embedder.embed_batches(batches, len(texts)), expected, rtol=1e-5, atol=1e-5)
+    assert calls == [len(texts)]
+    assert Embedder(model)([]).shape == (0, embedder.dim)
+
+
+def test_int8_job_matches_the_in_process_int8_embedder_and_is_its_own_job(model_dir, txt_input, tmp_path):
+    embed(txt_input, model_dir, tmp_path / "out", shard_rows=50, quantize="int8")
+    ids, embeddings = read_output(tmp_path / "out")
+    int8 = Embedder(BertFlow.load(model_dir, device="cpu", quantize="int8"))
+    # Shard by shard: int8 activations are scaled per batch, so a row's embedding depends a little on its batch.
+    by_shard = np.concatenate([int8(SENTENCES[start:start + 50]) for start in range(0, 120, 50)])
+    np.testing.assert_allclose(embeddings, by_shard, rtol=1e-5, atol=1e-5)
+    fp32 = BertFlow.load(model_dir, device="cpu")
+    assert not np.allclose(embeddings, Embedder(fp32)(SENTENCES), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"another job \(its quantize 'int8' \(now None\)"):
+        embed(txt_input, model_dir, tmp_path / "out", shard_rows=50, resume=True)
+    with pytest.raises(ValueError, match=r"unknown quantize 'int4'"):
+        embed(txt_input, model_dir, tmp_path / "bad", quantize="int4")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_resume_after_the_last_shard_does_nothing(model_dir, txt_input, tmp_path):
     embed(txt_input, model_dir, tmp_path / "out", shard_rows=50)
     before = read_output(tmp_path / "out")
@@ -252,9 +285,13 @@ def test_cli_embed_and_its_errors(model_dir, txt_input, tmp_path, capsys):
     for args, message in [((tmp_path / "nothing.txt",), "no such file"),
                           ((txt_input, "--batch-tokens", 0), "batch_tokens (0) must hold"),
                           ((txt_input, "--devices", "cpu,gpu0"), "unknown device 'gpu0'"),
+                          ((txt_input, "--quantize", "int8", "--resume"), "its quantize None (now 'int8')"),
                           ((txt_input,), "already holds this job's finished output; pass --resume")]:
         assert main(["embed", *map(str, args), "--model", str(model_dir), "--out", str(tmp_path / "out"),
                      "--shard-rows", "64"]) == 1
         stderr = capsys.readouterr().err
         assert len(stderr.strip().splitlines()) == 1 and message in stderr, stderr
+    assert main(["embed", str(txt_input), "--model", str(model_dir), "--out", str(tmp_path / "int8"),
+                 "--quantize", "int8"]) == 0
+    assert json.loads((tmp_path / "int8" / "manifest.json").read_text())["job"]["options"]["quantize"] == "int8"
 

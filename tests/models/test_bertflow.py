@@ -190,3 +190,20 @@ def test_damaged_weights_and_a_config_that_does_not_match_them_are_named(encoder
     weights.unlink()
     with pytest.raises(FileNotFoundError, match="flow.safetensors is missing"):
         BertFlow.load(tmp_path / "model")
+
+
+def test_quantize_is_a_load_time_option_not_saved(encoder, tiny_bert, tmp_path):
+    model = small_flow(encoder)
+    model.fit(SENTENCES, batch_size=16)
+    model.save(tmp_path / "flow")
+    assert "quantize" not in json.loads((tmp_path / "flow" / "config.json").read_text())
+    int8 = BertFlow.load(tmp_path / "flow", device="cpu", quantize="int8")
+    assert int8.encoder.quantize == "int8" and BertFlow.load(tmp_path / "flow").encoder.quantize is None
+    assert BertFlow(tiny_bert, device="cpu", quantize="int8").encoder.quantize == "int8"
+    cosine = torch.nn.functional.cosine_similarity(int8.encode(SENTENCES, as_tensor=True),
+                                                   model.encode(SENTENCES, as_tensor=True))
+    assert cosine.min() > 0.9
+    with pytest.raises(ValueError, match="quantize= applies to an encoder built here"):
+        BertFlow(encoder, quantize="int8")
+    with pytest.raises(ValueError, match="unknown quantize 'fp8'"):
+        BertFlow.load(tmp_path / "flow", quantize="fp8")
