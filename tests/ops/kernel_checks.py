@@ -3,6 +3,7 @@ compiling kernels for Hopper (sm_90) with Triton's bundled toolchain, which need
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import importlib.util
 import json
@@ -10,12 +11,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
 
 import flowkern
 from flowkern.nn import Glow
+from tests.background import BACKGROUND
 from tests.helpers import randomize_
 from tests.ops.kernel_cases import assert_close, pixels
 
@@ -194,3 +197,15 @@ def hopper_resources(cases: list[dict]) -> list[dict]:
 def compile_for_hopper(cases: list[dict]) -> list[int]:
     """Compiles each case for sm_90 in a child process without the interpreter; returns the spill bytes."""
     return [resources["stack"] for resources in hopper_resources(cases)]
+
+
+def start_hopper_compile(item, cases_of: Callable[[], list[dict]]) -> None:
+    """A kernel test module's start_in_background (tests/background.py): queues the sm_90 compile of its
+    test_kernels_compile_for_hopper_without_spills, whose cases are cases_of()."""
+    if item.originalname == "test_kernels_compile_for_hopper_without_spills" and _hopper_toolchain_present():
+        BACKGROUND.submit(f"sm_90 {item.module.__name__}", functools.partial(compile_for_hopper, cases_of()))
+
+
+def hopper_spills(module: str, cases: list[dict]) -> list[int]:
+    """compile_for_hopper(cases) of the test module `module`: the background run its start queued, else now."""
+    return BACKGROUND.result(f"sm_90 {module}", functools.partial(compile_for_hopper, cases))

@@ -15,8 +15,8 @@ from flowkern.ops.glow_ops import GlowPlan, glow_ref, pack_forward
 from tests.conftest import KERNEL_BACKENDS
 from tests.helpers import randomize_
 from tests.ops.kernel_cases import assert_close, device_for, grad_dtype, make
-from tests.ops.kernel_checks import (HOPPER_ACTIVATIONS, MAX_SPILL_BYTES, LauncherCalls, compile_for_hopper,
-                                     hopper_case, needs_hopper_toolchain)
+from tests.ops.kernel_checks import (HOPPER_ACTIVATIONS, MAX_SPILL_BYTES, LauncherCalls, hopper_case,
+                                     hopper_spills, needs_hopper_toolchain, start_hopper_compile)
 from tests.pairwise import all_pairs, pairwise_parametrize
 
 needs_triton = pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="needs the triton backend")
@@ -314,8 +314,7 @@ def test_fused_glow_compiles_without_graph_breaks(impl):
 
 # ---- the kernels as the GPU runs them, compiled for Hopper here ----
 
-@needs_hopper_toolchain
-def test_kernels_compile_for_hopper_without_spills():
+def _hopper_cases() -> list[dict]:
     kernels = importlib.import_module("flowkern.kernels.triton.glow")
     pointers = dict(meta_ptr="i64", order_ptr="i32")
     # (kernel, its blocks, extra constexprs, activation pointers)
@@ -329,7 +328,17 @@ def test_kernels_compile_for_hopper_without_spills():
         constexprs = dict(AFFINE=affine, LU=lu, ACC="tl.float32", PRECISION=kernels.dot_precision(dtype), **extra)
         cases.append(hopper_case(kernels.__name__, kernel, blocks, constexprs, HOPPER_ACTIVATIONS[dtype],
                                  activation_args, pointers))
-    spills = compile_for_hopper(cases)
+    return cases
+
+
+def start_in_background(item) -> None:
+    start_hopper_compile(item, _hopper_cases)
+
+
+@needs_hopper_toolchain
+def test_kernels_compile_for_hopper_without_spills():
+    cases = _hopper_cases()
+    spills = hopper_spills(__name__, cases)
     assert max(spills) <= MAX_SPILL_BYTES, list(zip([(c["kernel"], c["constexprs"]) for c in cases], spills))
 
 

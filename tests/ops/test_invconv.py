@@ -14,9 +14,9 @@ from flowkern.nn import FlowStep, Glow
 from flowkern.ops import invconv_ops
 from tests.conftest import GPU_KERNEL_BACKENDS, KERNEL_BACKENDS
 from tests.helpers import randomize_
-from tests.ops.kernel_checks import (HOPPER_ACTIVATIONS, MAX_SPILL_BYTES, LauncherCalls, assert_compiled_matches_float64,
-                                     assert_training_step_matches_torch,
-                                     compile_for_hopper, hopper_case, needs_hopper_toolchain)
+from tests.ops.kernel_checks import (HOPPER_ACTIVATIONS, MAX_SPILL_BYTES, LauncherCalls,
+                                     assert_compiled_matches_float64, assert_training_step_matches_torch,
+                                     hopper_case, hopper_spills, needs_hopper_toolchain, start_hopper_compile)
 from tests.ops.kernel_cases import (GPU_ODD_SHAPES, LAYOUTS, LOW_PRECISION, SHAPES, assert_close, device_for,
                                     grad_dtype, make, pixels)
 from tests.pairwise import all_pairs, pairwise_parametrize
@@ -321,8 +321,7 @@ def test_glow_lu_training_step_matches_torch(shape):
                                        make(shape, device=device))
 
 
-@needs_hopper_toolchain
-def test_kernels_compile_for_hopper_without_spills():
+def _hopper_cases() -> list[dict]:
     kernels = importlib.import_module("flowkern.kernels.triton.invconv")
     module = kernels.__name__
     cases = []
@@ -336,7 +335,17 @@ def test_kernels_compile_for_hopper_without_spills():
                                  ("x_ptr", "y_ptr", "dy_ptr", "dx_ptr")))
     for kernel in ("_lu_weight_kernel", "_lu_weight_grad_kernel"):
         cases.append(hopper_case(module, kernel, kernels._square_block(True), dict(ACC="tl.float32")))
-    spills = compile_for_hopper(cases)
+    return cases
+
+
+def start_in_background(item) -> None:
+    start_hopper_compile(item, _hopper_cases)
+
+
+@needs_hopper_toolchain
+def test_kernels_compile_for_hopper_without_spills():
+    cases = _hopper_cases()
+    spills = hopper_spills(__name__, cases)
     assert max(spills) <= MAX_SPILL_BYTES, list(zip([(c["kernel"], c["constexprs"]) for c in cases], spills))
 
 

@@ -14,9 +14,9 @@ from flowkern.ops.mlp_coupling_ops import MAX_FUSED_HIDDEN, mlp_coupling_inverse
 from tests.conftest import KERNEL_BACKENDS
 from tests.ops.kernel_cases import LAYOUTS, LOW_PRECISION, assert_close, device_for, grad_dtype, make
 from tests.helpers import randomize_
-from tests.ops.kernel_checks import (HOPPER_ACTIVATIONS, MAX_SPILL_BYTES, LauncherCalls, assert_compiled_matches_float64,
-                                     assert_training_step_matches_torch,
-                                     compile_for_hopper, hopper_case, needs_hopper_toolchain)
+from tests.ops.kernel_checks import (HOPPER_ACTIVATIONS, MAX_SPILL_BYTES, LauncherCalls,
+                                     assert_compiled_matches_float64, assert_training_step_matches_torch,
+                                     hopper_case, hopper_spills, needs_hopper_toolchain, start_hopper_compile)
 from tests.pairwise import all_pairs, pairwise_parametrize
 
 FACTOR = 3.0
@@ -251,8 +251,7 @@ def test_glow_affine_training_step_matches_torch(mixing):
 
 # ---- the kernels as the GPU runs them, compiled for Hopper here ----
 
-@needs_hopper_toolchain
-def test_kernels_compile_for_hopper_without_spills():
+def _hopper_cases() -> list[dict]:
     kernels = importlib.import_module("flowkern.kernels.triton.mlp_coupling")
     activation_args = ("x1_ptr", "in2_ptr", "out2_ptr", "dout_ptr", "din2_ptr", "dx1_ptr")
     cases = []
@@ -264,7 +263,17 @@ def test_kernels_compile_for_hopper_without_spills():
         blocks = kernels._blocks(True, dtype, hidden, backward)
         cases.append(hopper_case(kernels.__name__, kernel, blocks, constexprs, HOPPER_ACTIVATIONS[dtype],
                                  activation_args))
-    spills = compile_for_hopper(cases)
+    return cases
+
+
+def start_in_background(item) -> None:
+    start_hopper_compile(item, _hopper_cases)
+
+
+@needs_hopper_toolchain
+def test_kernels_compile_for_hopper_without_spills():
+    cases = _hopper_cases()
+    spills = hopper_spills(__name__, cases)
     assert max(spills) <= MAX_SPILL_BYTES, list(zip([(c["kernel"], c["constexprs"]) for c in cases], spills))
 
 
