@@ -8,6 +8,7 @@ so batch tokens are part of the identity and the thread count is not.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -90,15 +91,17 @@ def directory_files(directory: Path, digests: FileDigests) -> dict[str, str]:
 def encoder_identity(name: str, digests: FileDigests) -> dict:
     """The encoder a saved model names: a local directory by its files' digests, a HuggingFace hub model by the
     commit of its cached snapshot (immutable on the hub)."""
-    from flowkern.models.encoder import resolve_encoder_source
+    from flowkern.models.encoder import local_first, resolve_encoder_source
 
     source, local = resolve_encoder_source(name)
     if local:
         return {"name": name, "files": directory_files(Path(source), digests)}
     from transformers.utils import cached_file
 
-    # Fetches (or finds) the model's config.json; its snapshot directory is named by the hub commit.
-    return {"name": name, "revision": Path(cached_file(source, "config.json")).parent.name}
+    # Finds (or, when the hub answers, fetches) the model's config.json; its snapshot directory is named by the hub
+    # commit. Uncached and offline: one line at once, as loading the encoder says it.
+    config = local_first(functools.partial(cached_file, source, "config.json"), source)
+    return {"name": name, "revision": Path(config).parent.name}
 
 
 def compute_identity(devices: list[torch.device]) -> list[str]:

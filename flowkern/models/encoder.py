@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -69,19 +69,25 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
-def _from_pretrained(loader, source: str, local: bool):
-    """``loader.from_pretrained(source)`` from local files first: a hub name that is not cached is fetched only
-    when the hub answers at once, else one OSError names it and says how to use a local directory."""
-    if local:
-        return loader.from_pretrained(source, local_files_only=True)
+def local_first(load: Callable, name: str):
+    """``load(local_files_only=True)``; when that finds nothing, ``load(local_files_only=False)`` only if the hub
+    answers at once, else one OSError names the model and says how to use a local directory (transformers would
+    retry an unreachable hub for ~50 s)."""
     try:
-        return loader.from_pretrained(source, local_files_only=True)
+        return load(local_files_only=True)
     except OSError:
         if not _hub_reachable():
-            raise OSError(f"encoder {source!r} is not in the local HuggingFace cache and the hub cannot be reached "
+            raise OSError(f"encoder {name!r} is not in the local HuggingFace cache and the hub cannot be reached "
                           f"(offline); pass a local model directory instead (--encoder DIR, or "
                           f"BertFlow(encoder=DIR)), or set HF_HOME to a cache that holds it") from None
-    return loader.from_pretrained(source)
+    return load(local_files_only=False)
+
+
+def _from_pretrained(loader, source: str, local: bool):
+    """``loader.from_pretrained(source)``: a local directory from its files, a hub name by :func:`local_first`."""
+    if local:
+        return loader.from_pretrained(source, local_files_only=True)
+    return local_first(functools.partial(loader.from_pretrained, source), source)
 
 
 def check_pooling(pooling: str) -> str:

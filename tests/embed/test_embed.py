@@ -275,6 +275,17 @@ def test_devices_without_cuda_are_refused(model_dir, txt_input, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_uncached_hub_encoder_fails_the_job_s_identity_in_one_line(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    from flowkern.embed.identity import FileDigests, encoder_identity
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(OSError, match=r"^encoder 'flowkern-tests/no-such-model' is not in the local HuggingFace "
+                                      r"cache and the hub cannot be reached \(offline\)"):
+        encoder_identity("flowkern-tests/no-such-model", FileDigests(tmp_path / "digests.json"))
+
+
 def test_cli_embed_and_its_errors(model_dir, txt_input, tmp_path, capsys):
     job = cli("embed", txt_input, "--model", model_dir, "--out", tmp_path / "out", "--shard-rows", 64)
     stdout, stderr = job.communicate(timeout=300)

@@ -166,3 +166,22 @@ def test_disk_cache_keeps_int8_apart(tiny_bert, tmp_path):
     SentenceEncoder(tiny_bert, pooling="mean", device="cpu", cache_dir=tmp_path).encode(SENTENCES)
     SentenceEncoder(tiny_bert, pooling="mean", device="cpu", cache_dir=tmp_path, quantize="int8").encode(SENTENCES)
     assert len(list(tmp_path.glob("*.safetensors"))) == 2
+
+
+def test_local_first_fetches_only_when_the_hub_answers(monkeypatch):
+    from flowkern.models import encoder as encoder_module
+
+    calls = []
+
+    def load(local_files_only):
+        calls.append(local_files_only)
+        if local_files_only:
+            raise OSError("not in the cache")
+        return "fetched"
+
+    monkeypatch.setattr(encoder_module, "_hub_reachable", lambda: True)
+    assert encoder_module.local_first(load, "some/model") == "fetched" and calls == [True, False]
+    monkeypatch.setattr(encoder_module, "_hub_reachable", lambda: False)
+    with pytest.raises(OSError, match=r"^encoder 'some/model' is not in the local HuggingFace cache"):
+        encoder_module.local_first(load, "some/model")
+    assert calls == [True, False, True]
