@@ -206,6 +206,8 @@ def start_hopper_compile(item, cases_of: Callable[[], list[dict]]) -> None:
         BACKGROUND.submit(f"sm_90 {item.module.__name__}", functools.partial(compile_for_hopper, cases_of()))
 
 
-def hopper_spills(module: str, cases: list[dict]) -> list[int]:
-    """compile_for_hopper(cases) of the test module `module`: the background run its start queued, else now."""
-    return BACKGROUND.result(f"sm_90 {module}", functools.partial(compile_for_hopper, cases))
+def assert_no_hopper_spills(module: str, cases: list[dict]) -> None:
+    """The cases of the test module `module`, compiled for sm_90 in the background run its start queued (else
+    now), spill at most MAX_SPILL_BYTES."""
+    spills = BACKGROUND.result(f"sm_90 {module}", functools.partial(compile_for_hopper, cases))
+    assert max(spills) <= MAX_SPILL_BYTES, list(zip([(c["kernel"], c["constexprs"]) for c in cases], spills))

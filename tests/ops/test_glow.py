@@ -15,8 +15,8 @@ from flowkern.ops.glow_ops import GlowPlan, glow_ref, pack_forward
 from tests.conftest import KERNEL_BACKENDS
 from tests.helpers import randomize_
 from tests.ops.kernel_cases import assert_close, device_for, grad_dtype, make
-from tests.ops.kernel_checks import (HOPPER_ACTIVATIONS, MAX_SPILL_BYTES, LauncherCalls, hopper_case,
-                                     hopper_spills, needs_hopper_toolchain, start_hopper_compile)
+from tests.ops.kernel_checks import (HOPPER_ACTIVATIONS, LauncherCalls, assert_no_hopper_spills, hopper_case,
+                                     needs_hopper_toolchain, start_hopper_compile)
 from tests.pairwise import all_pairs, pairwise_parametrize
 
 needs_triton = pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="needs the triton backend")
@@ -337,9 +337,7 @@ def start_in_background(item) -> None:
 
 @needs_hopper_toolchain
 def test_kernels_compile_for_hopper_without_spills():
-    cases = _hopper_cases()
-    spills = hopper_spills(__name__, cases)
-    assert max(spills) <= MAX_SPILL_BYTES, list(zip([(c["kernel"], c["constexprs"]) for c in cases], spills))
+    assert_no_hopper_spills(__name__, _hopper_cases())
 
 
 def _nan_workspace(monkeypatch):

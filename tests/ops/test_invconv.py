@@ -14,9 +14,9 @@ from flowkern.nn import FlowStep, Glow
 from flowkern.ops import invconv_ops
 from tests.conftest import GPU_KERNEL_BACKENDS, KERNEL_BACKENDS
 from tests.helpers import randomize_
-from tests.ops.kernel_checks import (HOPPER_ACTIVATIONS, MAX_SPILL_BYTES, LauncherCalls,
-                                     assert_compiled_matches_float64, assert_training_step_matches_torch,
-                                     hopper_case, hopper_spills, needs_hopper_toolchain, start_hopper_compile)
+from tests.ops.kernel_checks import (HOPPER_ACTIVATIONS, LauncherCalls, assert_compiled_matches_float64,
+                                     assert_no_hopper_spills, assert_training_step_matches_torch, hopper_case,
+                                     needs_hopper_toolchain, start_hopper_compile)
 from tests.ops.kernel_cases import (GPU_ODD_SHAPES, LAYOUTS, LOW_PRECISION, SHAPES, assert_close, device_for,
                                     grad_dtype, make, pixels)
 from tests.pairwise import all_pairs, pairwise_parametrize
@@ -344,9 +344,7 @@ def start_in_background(item) -> None:
 
 @needs_hopper_toolchain
 def test_kernels_compile_for_hopper_without_spills():
-    cases = _hopper_cases()
-    spills = hopper_spills(__name__, cases)
-    assert max(spills) <= MAX_SPILL_BYTES, list(zip([(c["kernel"], c["constexprs"]) for c in cases], spills))
+    assert_no_hopper_spills(__name__, _hopper_cases())
 
 
 # ---- real sizes on a GPU ----

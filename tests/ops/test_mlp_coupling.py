@@ -14,9 +14,9 @@ from flowkern.ops.mlp_coupling_ops import MAX_FUSED_HIDDEN, mlp_coupling_inverse
 from tests.conftest import KERNEL_BACKENDS
 from tests.ops.kernel_cases import LAYOUTS, LOW_PRECISION, assert_close, device_for, grad_dtype, make
 from tests.helpers import randomize_
-from tests.ops.kernel_checks import (HOPPER_ACTIVATIONS, MAX_SPILL_BYTES, LauncherCalls,
-                                     assert_compiled_matches_float64, assert_training_step_matches_torch,
-                                     hopper_case, hopper_spills, needs_hopper_toolchain, start_hopper_compile)
+from tests.ops.kernel_checks import (HOPPER_ACTIVATIONS, LauncherCalls, assert_compiled_matches_float64,
+                                     assert_no_hopper_spills, assert_training_step_matches_torch, hopper_case,
+                                     needs_hopper_toolchain, start_hopper_compile)
 from tests.pairwise import all_pairs, pairwise_parametrize
 
 FACTOR = 3.0
@@ -272,9 +272,7 @@ def start_in_background(item) -> None:
 
 @needs_hopper_toolchain
 def test_kernels_compile_for_hopper_without_spills():
-    cases = _hopper_cases()
-    spills = hopper_spills(__name__, cases)
-    assert max(spills) <= MAX_SPILL_BYTES, list(zip([(c["kernel"], c["constexprs"]) for c in cases], spills))
+    assert_no_hopper_spills(__name__, _hopper_cases())
 
 
 # ---- real sizes on a GPU ----
