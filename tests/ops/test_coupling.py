@@ -122,9 +122,7 @@ def test_extreme_scales_stay_finite(impl):
     assert_close(log_det, log_det64, torch.float32, terms=6)
 
 
-@pytest.mark.parametrize("impl", ["torch"] + KERNEL_BACKENDS)
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("shape", [(3, 4), (2, 3, 2, 3)])
+@pairwise_parametrize(impl=["torch"] + KERNEL_BACKENDS, kind=KINDS, shape=[(3, 4), (2, 3, 2, 3)])
 def test_float64_gradcheck(impl, kind, shape):
     affine = KINDS[kind]
     x2, h = _inputs(shape, affine, torch.float64, "contiguous", device_for(impl))

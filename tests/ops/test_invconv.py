@@ -57,9 +57,7 @@ def _float64_copies(*tensors):
 
 # ---- W = P L U' ----
 
-@pytest.mark.parametrize("impl", KERNEL_BACKENDS)
-@pytest.mark.parametrize("channels", [6, 10, 130])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pairwise_parametrize(impl=KERNEL_BACKENDS, channels=[6, 10, 130], dtype=[torch.float32, torch.float64])
 def test_lu_weight_matches_reference(impl, channels, dtype):
     perm, lower, upper, sign_s, log_s = _lu_factors(channels, device_for(impl), dtype)
     for t in (lower, upper, log_s):
