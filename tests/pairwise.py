@@ -67,12 +67,20 @@ def value_id(name: str, value: Any) -> str:
     return f"{name}={value}"
 
 
+# Every grid pairwise_cases built in this process: (parameter names, their values, the cases), which
+# tests/test_pairwise.py checks.
+GRIDS: list[tuple[list[str], list[list], list[tuple]]] = []
+
+
 def pairwise_cases(**parameters: Sequence[Any]) -> list:
     """The all-pairs cases of `parameters` (name=values, in the test's argument order) as pytest.param's with ids
     such as "triton-affine-33x130-sliced-float32"; lists of them may be joined into one parametrize."""
     names = list(parameters)
+    options = [list(values) for values in parameters.values()]
+    cases = all_pairs(options)
+    GRIDS.append((names, options, cases))
     return [pytest.param(*case, id="-".join(value_id(name, value) for name, value in zip(names, case)))
-            for case in all_pairs([list(values) for values in parameters.values()])]
+            for case in cases]
 
 
 def pairwise_parametrize(**parameters: Sequence[Any]):

@@ -1,13 +1,17 @@
 """tests/pairwise.py: its grids cover every value and every pair of values of any two parameters."""
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.pairwise import all_pairs, pairwise_parametrize
+from tests.pairwise import GRIDS, all_pairs, pairwise_parametrize
+
+TESTS = Path(__file__).resolve().parent
 
 
 def missing_values_and_pairs(values, cases) -> list:
@@ -49,6 +53,21 @@ def test_every_small_grid_covers_every_value_and_pair():
         cases = all_pairs(values)
         assert missing_values_and_pairs(values, cases) == [], sizes
         assert len(cases) <= math.prod(sizes) and len(set(cases)) == len(cases), sizes
+
+
+def test_every_grid_of_the_test_suite_covers_every_value_and_pair():
+    # The test modules' grids, as pytest collects them: each module that builds one is loaded (again) here.
+    users = [path for path in sorted(TESTS.rglob("test_*.py")) if "pairwise_" in path.read_text()
+             and path != Path(__file__).resolve()]
+    assert len(users) >= 9, users
+    for path in users:
+        spec = importlib.util.spec_from_file_location(f"pairwise_user_{path.stem}", path)
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    checked = {tuple(names) for names, _, _ in GRIDS}
+    assert ("impl", "kind", "shape", "layout", "dtype") in checked and len(GRIDS) >= 15
+    for names, options, cases in GRIDS:
+        assert missing_values_and_pairs(options, cases) == [], names
+        assert len(cases) < math.prod(map(len, options)) or len(options) <= 2, names
 
 
 def test_two_parameters_give_the_full_product_and_one_gives_its_values():
