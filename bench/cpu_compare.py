@@ -73,8 +73,8 @@ def _op_cases():
     weights = [0.1 * torch.randn(h, c // 2), torch.randn(h), 0.1 * torch.randn(h), 0.1 * torch.randn(h, h),
                torch.randn(h), 0.1 * torch.randn(h), 0.1 * torch.randn(c, h), torch.randn(c), 0.1 * torch.randn(c)]
     yield "mlp_coupling affine fwd+bwd", _forward_backward(
-        lambda x1, x2, *w: ops.mlp_coupling(x1, x2, *w, True, 3.0), torch.randn(b, c // 2), torch.randn(b, c // 2),
-        *weights)
+        lambda x1, x2, *w: ops.mlp_coupling(x1, x2, ops.MlpParams(*w), True, 3.0), torch.randn(b, c // 2),
+        torch.randn(b, c // 2), *weights)
     perm = torch.randperm(c)
     factors = [0.01 * torch.randn(c, c), 0.01 * torch.randn(c, c), torch.ones(c), 0.01 * torch.randn(c)]
     yield "lu_weight fwd+bwd [768, 768]", _forward_backward(

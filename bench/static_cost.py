@@ -68,6 +68,8 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 
+from flowkern.kernels import glow_meta  # noqa: E402
+
 NOTICE = "static, compiled for sm_90, not measured"
 KERNELS_MODULE = "flowkern.kernels.triton.glow"
 # BERT-flow's Glow.
@@ -144,6 +146,8 @@ def _launcher_arguments(launcher, plan, tensors: dict, save) -> dict:
             values[name] = tensors[name]
         elif name == "save":
             values[name] = save
+        elif name == "plan":   # the plan's tables (flowkern.ops.glow_ops.GlowTables), as every backend takes them
+            values[name] = type(plan.tables)(*(t.to(tensors["x"].device) for t in plan.tables))
         elif hasattr(plan, name):
             value = getattr(plan, name)
             values[name] = value.to(tensors["x"].device) if isinstance(value, torch.Tensor) else value
@@ -171,10 +175,10 @@ def record_launches(plan, dtype: torch.dtype, batch: int) -> dict[str, list[Laun
         tensors = dict(
             x=torch.empty(batch, channels, device=device, dtype=dtype),
             z=torch.empty(batch, channels, device=device, dtype=dtype),
-            dz=torch.empty(batch, channels, device=device, dtype=dtype),
-            dlog_det=torch.empty(batch, device=device, dtype=acc),
-            dlog_prior=torch.empty(batch, device=device, dtype=acc),
-            params=torch.empty(plan.params_numel, device=device, dtype=acc),
+            grad_z=torch.empty(batch, channels, device=device, dtype=dtype),
+            grad_log_det=torch.empty(batch, device=device, dtype=acc),
+            grad_log_prior=torch.empty(batch, device=device, dtype=acc),
+            params=[torch.empty(plan.params_numel, device=device, dtype=acc)],
             mix=torch.empty(plan.mix_numel, device=device, dtype=acc),
             # What the forward saves for the backward (glow_fwd's docstring).
             mid=torch.empty(steps + 1, batch, channels, device=device, dtype=acc),
@@ -373,8 +377,8 @@ _SCALAR_ASSIGNMENTS: dict[int, list] = {}
 
 
 def _is_scalar(expression: ast.expr) -> bool:
-    """Whether `expression` can be a host scalar: names, constants, arithmetic, _meta(...), tl.program_id and
-    tl.num_programs (tensor expressions are left out before any evaluation: this runs ~10^5 times a kernel)."""
+    """Whether `expression` can be a host scalar: names, constants, arithmetic, _meta(...), the meta table's column
+    names (column.X, flowkern/kernels/glow_meta.py), tl.program_id and tl.num_programs (tensor expressions are left out before any evaluation: this runs ~10^5 times a kernel)."""
     for node in ast.walk(expression):
         if isinstance(node, ast.Call):
             func = node.func
@@ -382,7 +386,7 @@ def _is_scalar(expression: ast.expr) -> bool:
                                                                func.attr in _GRID_QUERIES)):
                 return False
         elif isinstance(node, ast.Attribute):
-            if node.attr not in _GRID_QUERIES:
+            if node.attr not in _GRID_QUERIES and getattr(node.value, "id", None) != "column":
                 return False
         elif not isinstance(node, _SCALAR_NODES):
             return False
@@ -483,7 +487,8 @@ def estimate(program: SassProgram, launch: Launch, plan_meta, program_id: int = 
     instructions = program.instructions
     env = {name: value for name, value in launch.values(program.kernel.arg_names).items()
            if isinstance(value, (int, float, bool, str))}
-    env = _assign_body(program.function.body, {**env, "tl": _Program(launch.grid, program_id)}, plan_meta)
+    env = _assign_body(program.function.body, {**env, "tl": _Program(launch.grid, program_id), "column": glow_meta},
+                       plan_meta)
     rows: dict[int, dict] = {}
 
     def issued(loop: SassLoop, env: dict, depth: int) -> int:

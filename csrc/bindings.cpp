@@ -9,6 +9,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <numeric>
 #include <string>
 #include <vector>
 
@@ -462,14 +463,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> actnorm_invconv_bwd(const Tensor& dy,
 struct Mlp {
   std::vector<Tensor> params;   // acc-typed, contiguous: w1, b1, l1, w2, b2, l2, w3, b3, l3
   flowkern::MlpShape shape;
-  flowkern::MlpWeights weights() const {
+  flowkern::MlpParams weights() const {
     return {params[0].data_ptr(), params[1].data_ptr(), params[2].data_ptr(), params[3].data_ptr(),
             params[4].data_ptr(), params[5].data_ptr(), params[6].data_ptr(), params[7].data_ptr(),
             params[8].data_ptr()};
   }
 };
 
-Mlp mlp(const Tensor& x1, const Tensor& other, const std::vector<Tensor>& p, bool affine, double logscale_factor,
+// The subnet's tensors (flowkern.ops.spec.MlpParams, one Tensor[] argument) unpacked into MlpParams, checked once.
+Mlp mlp(const Tensor& x1, const Tensor& other, at::TensorList p, bool affine, double logscale_factor,
         const char* op) {
   TORCH_CHECK_VALUE(x1.dim() == 2 && other.dim() == 2 && x1.size(0) == other.size(0) && x1.size(0) > 0, op,
                     ": takes [B, C1] and [B, C2] data with B > 0, got ", x1.sizes(), " and ", other.sizes());
@@ -489,12 +491,10 @@ Mlp mlp(const Tensor& x1, const Tensor& other, const std::vector<Tensor>& p, boo
   return m;
 }
 
-std::tuple<Tensor, Tensor> mlp_coupling_fwd(const Tensor& x1_in, const Tensor& x2_in, const Tensor& w1,
-                                            const Tensor& b1, const Tensor& l1, const Tensor& w2, const Tensor& b2,
-                                            const Tensor& l2, const Tensor& w3, const Tensor& b3, const Tensor& l3,
+std::tuple<Tensor, Tensor> mlp_coupling_fwd(const Tensor& x1_in, const Tensor& x2_in, at::TensorList params,
                                             bool affine, double logscale_factor) {
   const char* op = "mlp_coupling_fwd";
-  const Mlp m = mlp(x1_in, x2_in, {w1, b1, l1, w2, b2, l2, w3, b3, l3}, affine, logscale_factor, op);
+  const Mlp m = mlp(x1_in, x2_in, params, affine, logscale_factor, op);
   const DType dtype = dtype_of(x2_in, op, "x2");
   const Tensor x1 = x1_in.contiguous(), x2 = x2_in.contiguous();
   Tensor z2 = new_like_rows(x2), log_det = acc_vector(x2, m.shape.batch);
@@ -511,11 +511,10 @@ std::tuple<Tensor, Tensor> mlp_coupling_fwd(const Tensor& x1_in, const Tensor& x
   return {in_layout_of(z2, x2_in), log_det};
 }
 
-Tensor mlp_coupling_inv(const Tensor& x1_in, const Tensor& z2_in, const Tensor& w1, const Tensor& b1,
-                        const Tensor& l1, const Tensor& w2, const Tensor& b2, const Tensor& l2, const Tensor& w3,
-                        const Tensor& b3, const Tensor& l3, bool affine, double logscale_factor) {
+Tensor mlp_coupling_inv(const Tensor& x1_in, const Tensor& z2_in, at::TensorList params, bool affine,
+                        double logscale_factor) {
   const char* op = "mlp_coupling_inv";
-  const Mlp m = mlp(x1_in, z2_in, {w1, b1, l1, w2, b2, l2, w3, b3, l3}, affine, logscale_factor, op);
+  const Mlp m = mlp(x1_in, z2_in, params, affine, logscale_factor, op);
   const DType dtype = dtype_of(z2_in, op, "z2");
   const Tensor x1 = x1_in.contiguous(), z2 = z2_in.contiguous();
   Tensor x2 = new_like_rows(z2);
@@ -534,7 +533,7 @@ Tensor mlp_coupling_inv(const Tensor& x1_in, const Tensor& z2_in, const Tensor& 
 
 std::vector<Tensor> mlp_coupling_backward(flowkern::Direction direction, const Tensor& dout_in,
                                           const c10::optional<Tensor>& dlog_det_in, const Tensor& x1_in,
-                                          const Tensor& other_in, const std::vector<Tensor>& params, bool affine,
+                                          const Tensor& other_in, at::TensorList params, bool affine,
                                           double logscale_factor, const char* op) {
   const Mlp m = mlp(x1_in, other_in, params, affine, logscale_factor, op);
   const DType dtype = dtype_of(other_in, op, "x2");
@@ -547,7 +546,7 @@ std::vector<Tensor> mlp_coupling_backward(flowkern::Direction direction, const T
   Tensor dx1 = new_like_rows(x1), dother = new_like_rows(other);
   std::vector<Tensor> grads;
   for (const Tensor& p : m.params) grads.push_back(at::empty_like(p));
-  const flowkern::MlpGrads g{grads[0].data_ptr(), grads[1].data_ptr(), grads[2].data_ptr(),
+  const flowkern::MlpParamGrads g{grads[0].data_ptr(), grads[1].data_ptr(), grads[2].data_ptr(),
                              grads[3].data_ptr(), grads[4].data_ptr(), grads[5].data_ptr(),
                              grads[6].data_ptr(), grads[7].data_ptr(), grads[8].data_ptr()};
   const void* dlog_det_ptr = dlog_det.defined() ? dlog_det.data_ptr() : nullptr;
@@ -571,20 +570,15 @@ std::vector<Tensor> mlp_coupling_backward(flowkern::Direction direction, const T
 }
 
 std::vector<Tensor> mlp_coupling_bwd(const Tensor& dz2, const Tensor& dlog_det, const Tensor& x1, const Tensor& x2,
-                                     const Tensor& w1, const Tensor& b1, const Tensor& l1, const Tensor& w2,
-                                     const Tensor& b2, const Tensor& l2, const Tensor& w3, const Tensor& b3,
-                                     const Tensor& l3, bool affine, double logscale_factor) {
-  return mlp_coupling_backward(flowkern::Direction::forward, dz2, dlog_det, x1, x2,
-                               {w1, b1, l1, w2, b2, l2, w3, b3, l3}, affine, logscale_factor, "mlp_coupling_bwd");
+                                     at::TensorList params, bool affine, double logscale_factor) {
+  return mlp_coupling_backward(flowkern::Direction::forward, dz2, dlog_det, x1, x2, params, affine, logscale_factor,
+                               "mlp_coupling_bwd");
 }
 
-std::vector<Tensor> mlp_coupling_inv_bwd(const Tensor& dx2, const Tensor& x1, const Tensor& z2, const Tensor& w1,
-                                         const Tensor& b1, const Tensor& l1, const Tensor& w2, const Tensor& b2,
-                                         const Tensor& l2, const Tensor& w3, const Tensor& b3, const Tensor& l3,
+std::vector<Tensor> mlp_coupling_inv_bwd(const Tensor& dx2, const Tensor& x1, const Tensor& z2, at::TensorList params,
                                          bool affine, double logscale_factor) {
-  return mlp_coupling_backward(flowkern::Direction::inverse, dx2, c10::nullopt, x1, z2,
-                               {w1, b1, l1, w2, b2, l2, w3, b3, l3}, affine, logscale_factor,
-                               "mlp_coupling_inv_bwd");
+  return mlp_coupling_backward(flowkern::Direction::inverse, dx2, c10::nullopt, x1, z2, params, affine,
+                               logscale_factor, "mlp_coupling_inv_bwd");
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -595,11 +589,16 @@ struct Plan {
   Tensor params, mix;
 };
 
-Plan glow_plan(const Tensor& data, const Tensor& params, const Tensor& mix, const Tensor& meta, const Tensor& an_idx,
-               const Tensor& cp_idx, const Tensor& z_idx, int64_t hidden, bool affine, bool lu,
+// The plan GlowPlan built once in Python (flowkern.ops.glow_ops.GlowTables: meta, an_idx, cp_idx, z_idx, order;
+// this kernel reads the first four) and the parameter tensors, packed here into one acc-typed vector.
+Plan glow_plan(const Tensor& data, at::TensorList params, const Tensor& mix, at::TensorList tables,
+               at::IntArrayRef level_steps, at::IntArrayRef level_channels, int64_t hidden, bool affine, bool lu,
                double logscale_factor, const char* op) {
   TORCH_CHECK_VALUE(data.dim() == 2 && data.size(0) > 0, op, ": takes [B, C] data with B > 0, got ", data.sizes());
   TORCH_CHECK_VALUE(data.is_cpu(), op, ": the compiled Glow runs on CPU tensors (the Triton backend serves CUDA)");
+  TORCH_CHECK_VALUE(tables.size() == 5, op, ": plan must be the 5 tables of GlowTables, got ", tables.size());
+  TORCH_CHECK_VALUE(!params.empty(), op, ": params must list the parameter tensors");
+  const Tensor &meta = tables[0], &an_idx = tables[1], &cp_idx = tables[2], &z_idx = tables[3];
   const int64_t channels = data.size(1), steps = meta.size(0);
   TORCH_CHECK_VALUE(meta.dim() == 2 && meta.size(1) == 16 && meta.scalar_type() == at::kLong, op,
                     ": meta must be int64 [steps, 16], got ", meta.scalar_type(), " ", meta.sizes());
@@ -610,30 +609,38 @@ Plan glow_plan(const Tensor& data, const Tensor& params, const Tensor& mix, cons
   }
   TORCH_CHECK_VALUE(z_idx.scalar_type() == at::kInt && z_idx.sizes() == at::IntArrayRef({channels}), op,
                     ": z_idx must be int32 [C], got ", z_idx.scalar_type(), " ", z_idx.sizes());
-  for (const Tensor* t : {&params, &mix, &meta, &an_idx, &cp_idx, &z_idx}) check_device(*t, data, op, "a plan tensor");
+  TORCH_CHECK_VALUE(level_steps.size() == level_channels.size() &&
+                        std::accumulate(level_steps.begin(), level_steps.end(), int64_t{0}) == steps,
+                    op, ": level_steps ", level_steps, " must have one entry per level (", level_channels.size(),
+                    ") and sum to the plan's ", steps, " steps");
+  for (const Tensor* t : {&mix, &meta, &an_idx, &cp_idx, &z_idx}) check_device(*t, data, op, "a plan tensor");
+  for (const Tensor& p : params) check_device(p, data, op, "a parameter");
   TORCH_CHECK_VALUE(hidden >= 1 && hidden <= flowkern::kMaxFusedHidden, op, ": hidden width must be in [1, ",
                     flowkern::kMaxFusedHidden, "], got ", hidden);
   // The view points into the caller's plan tensors (GlowPlan keeps them contiguous), which outlive the call.
   TORCH_CHECK_VALUE(meta.is_contiguous() && an_idx.is_contiguous() && cp_idx.is_contiguous() && z_idx.is_contiguous(),
                     op, ": plan tables must be contiguous");
+  std::vector<Tensor> flat;
+  for (const Tensor& p : params) flat.push_back(p.reshape({-1}));
   Plan plan;
-  plan.params = params.to(acc_type(data)).contiguous();
+  plan.params = at::cat(flat).to(acc_type(data)).contiguous();
   plan.mix = mix.to(acc_type(data)).contiguous();
   plan.view = {meta.data_ptr<int64_t>(), an_idx.data_ptr<int32_t>(), cp_idx.data_ptr<int32_t>(),
                z_idx.data_ptr<int32_t>(), steps, channels, hidden, affine, lu, logscale_factor};
   return plan;
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> glow_fwd(const Tensor& x_in, const Tensor& params,
-                                                            const Tensor& mix, const Tensor& meta,
-                                                            const Tensor& an_idx, const Tensor& cp_idx,
-                                                            const Tensor& z_idx, int64_t hidden, bool affine, bool lu,
-                                                            double logscale_factor, bool save) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> glow_fwd(const Tensor& x_in, at::TensorList params,
+                                                            const Tensor& mix, at::TensorList tables,
+                                                            at::IntArrayRef level_steps,
+                                                            at::IntArrayRef level_channels, int64_t hidden,
+                                                            bool affine, bool lu, double logscale_factor, bool save) {
   const char* op = "glow_fwd";
-  const Plan plan = glow_plan(x_in, params, mix, meta, an_idx, cp_idx, z_idx, hidden, affine, lu, logscale_factor, op);
+  const Plan plan = glow_plan(x_in, params, mix, tables, level_steps, level_channels, hidden, affine, lu,
+                              logscale_factor, op);
   const DType dtype = dtype_of(x_in, op, "x");
   const Tensor x = x_in.contiguous();
-  const int64_t batch = x.size(0), channels = x.size(1), steps = meta.size(0);
+  const int64_t batch = x.size(0), channels = x.size(1), steps = plan.view.steps;
   const auto acc = x.options().dtype(acc_type(x));
   Tensor z = new_like_rows(x), log_det = acc_vector(x, batch), log_prior = acc_vector(x, batch);
   Tensor mid = save ? at::empty({steps + 1, batch, channels}, acc) : at::empty({0}, acc);
@@ -644,11 +651,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> glow_fwd(const Tensor& x_in, 
   return {z, log_det, log_prior, mid, inp};
 }
 
-Tensor glow_inv(const Tensor& z_in, const Tensor& params, const Tensor& mix, const Tensor& meta, const Tensor& an_idx,
-                const Tensor& cp_idx, const Tensor& z_idx, int64_t hidden, bool affine, bool lu,
+Tensor glow_inv(const Tensor& z_in, at::TensorList params, const Tensor& mix, at::TensorList tables,
+                at::IntArrayRef level_steps, at::IntArrayRef level_channels, int64_t hidden, bool affine, bool lu,
                 double logscale_factor) {
   const char* op = "glow_inv";
-  const Plan plan = glow_plan(z_in, params, mix, meta, an_idx, cp_idx, z_idx, hidden, affine, lu, logscale_factor, op);
+  const Plan plan = glow_plan(z_in, params, mix, tables, level_steps, level_channels, hidden, affine, lu,
+                              logscale_factor, op);
   const DType dtype = dtype_of(z_in, op, "z");
   const Tensor z = z_in.contiguous();
   Tensor x = new_like_rows(z);
@@ -657,22 +665,22 @@ Tensor glow_inv(const Tensor& z_in, const Tensor& params, const Tensor& mix, con
   return x;
 }
 
+// (dx, dparams packed, dmid): LU flows' dmid [steps, B, C] is the gradient at each mixing GEMM's output, which
+// flowkern.ops.glow_ops.mix_gradient turns into the mixing gradient for every backend.
 std::tuple<Tensor, Tensor, Tensor> glow_bwd(const Tensor& dz_in, const Tensor& dlog_det_in,
-                                            const Tensor& dlog_prior_in, const Tensor& z, const Tensor& params,
-                                            const Tensor& mix, const Tensor& mid, const Tensor& inp,
-                                            const Tensor& meta, const Tensor& an_idx, const Tensor& cp_idx,
-                                            const Tensor& z_idx, at::IntArrayRef level_steps,
-                                            at::IntArrayRef level_channels, int64_t hidden, bool affine, bool lu,
-                                            double logscale_factor) {
+                                            const Tensor& dlog_prior_in, const Tensor& z, at::TensorList params,
+                                            const Tensor& mix, const Tensor& mid, at::TensorList tables,
+                                            at::IntArrayRef level_steps, at::IntArrayRef level_channels,
+                                            int64_t hidden, bool affine, bool lu, double logscale_factor) {
   const char* op = "glow_bwd";
-  const Plan plan = glow_plan(z, params, mix, meta, an_idx, cp_idx, z_idx, hidden, affine, lu, logscale_factor, op);
+  const Plan plan = glow_plan(z, params, mix, tables, level_steps, level_channels, hidden, affine, lu,
+                              logscale_factor, op);
   const DType dtype = dtype_of(z, op, "z");
-  const int64_t batch = z.size(0), channels = z.size(1), steps = meta.size(0);
+  const int64_t batch = z.size(0), channels = z.size(1), steps = plan.view.steps;
   check_shape(dz_in, z.sizes(), op, "grad_z");
   check_shape(mid, {steps + 1, batch, channels}, op, "mid (saved activations)");
   TORCH_CHECK_VALUE(mid.scalar_type() == acc_type(z) && mid.is_contiguous(), op,
                     ": mid must be contiguous ", acc_type(z));
-  if (lu) check_shape(inp, {steps, batch, channels}, op, "inp (saved GEMM inputs)");
   const Tensor dz = dz_in.to(z.scalar_type()).contiguous();
   const Tensor dlog_det = per_row(dlog_det_in, z, batch, op, "grad_log_det");
   const Tensor dlog_prior = per_row(dlog_prior_in, z, batch, op, "grad_log_prior");
@@ -682,19 +690,7 @@ std::tuple<Tensor, Tensor, Tensor> glow_bwd(const Tensor& dz_in, const Tensor& d
   flowkern::cpu::glow_bwd(dz.data_ptr(), dlog_det.data_ptr(), dlog_prior.data_ptr(), dtype, plan.params.data_ptr(),
                           plan.mix.data_ptr(), mid.data_ptr(), plan.view, batch, plan.params.numel(), dx.data_ptr(),
                           dparams.data_ptr(), lu ? dmid.data_ptr() : nullptr, kGemm, kParallelFor);
-  if (!lu) return {dx, dparams.to(params.scalar_type()), at::zeros_like(mix)};
-  // dW = sum_b dmid^T inp and db = sum_b dmid per step: one batched GEMM per level.
-  TORCH_CHECK_VALUE(level_steps.size() == level_channels.size(), op, ": level_steps and level_channels differ in length");
-  std::vector<Tensor> dmix;
-  int64_t first = 0;
-  for (size_t level = 0; level < level_steps.size(); ++level) {
-    const int64_t n = level_steps[level], cl = level_channels[level];
-    const Tensor g = dmid.slice(0, first, first + n).slice(2, 0, cl);
-    const Tensor u = inp.slice(0, first, first + n).slice(2, 0, cl);
-    dmix.push_back(at::cat({at::bmm(g.transpose(1, 2), u).flatten(1), g.sum(1)}, 1).flatten());
-    first += n;
-  }
-  return {dx, dparams.to(params.scalar_type()), at::cat(dmix).to(mix.scalar_type())};
+  return {dx, dparams.to(params[0].scalar_type()), dmid};
 }
 
 }  // namespace
@@ -717,22 +713,19 @@ TORCH_LIBRARY(flowkern_C, m) {
   m.def("actnorm_invconv_fwd(Tensor x, Tensor bias, Tensor logs, float logscale_factor, Tensor weight) -> Tensor");
   m.def("actnorm_invconv_bwd(Tensor grad_y, Tensor x, Tensor bias, Tensor logs, float logscale_factor, "
         "Tensor weight) -> (Tensor, Tensor, Tensor, Tensor)");
-  const char* mlp_params = "Tensor w1, Tensor b1, Tensor l1, Tensor w2, Tensor b2, Tensor l2, Tensor w3, Tensor b3, "
-                           "Tensor l3, bool affine, float logscale_factor";
-  m.def((std::string("mlp_coupling_fwd(Tensor x1, Tensor x2, ") + mlp_params + ") -> (Tensor, Tensor)").c_str());
-  m.def((std::string("mlp_coupling_inv(Tensor x1, Tensor z2, ") + mlp_params + ") -> Tensor").c_str());
-  m.def((std::string("mlp_coupling_bwd(Tensor grad_z2, Tensor grad_log_det, Tensor x1, Tensor x2, ") + mlp_params +
-         ") -> Tensor[]").c_str());
-  m.def((std::string("mlp_coupling_inv_bwd(Tensor grad_x2, Tensor x1, Tensor z2, ") + mlp_params + ") -> Tensor[]")
-            .c_str());
-  m.def("glow_fwd(Tensor x, Tensor params, Tensor mix, Tensor meta, Tensor an_idx, Tensor cp_idx, Tensor z_idx, "
-        "int hidden, bool affine, bool lu, float logscale_factor, bool save) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("glow_inv(Tensor z, Tensor params, Tensor mix, Tensor meta, Tensor an_idx, Tensor cp_idx, Tensor z_idx, "
-        "int hidden, bool affine, bool lu, float logscale_factor) -> Tensor");
-  m.def("glow_bwd(Tensor grad_z, Tensor grad_log_det, Tensor grad_log_prior, Tensor z, Tensor params, Tensor mix, "
-        "Tensor mid, Tensor inp, Tensor meta, Tensor an_idx, Tensor cp_idx, Tensor z_idx, int[] level_steps, "
-        "int[] level_channels, int hidden, bool affine, bool lu, float logscale_factor) -> (Tensor, Tensor, Tensor)");
+  m.def("mlp_coupling_fwd(Tensor x1, Tensor x2, Tensor[] mlp, bool affine, float logscale_factor) -> (Tensor, Tensor)");
+  m.def("mlp_coupling_inv(Tensor x1, Tensor z2, Tensor[] mlp, bool affine, float logscale_factor) -> Tensor");
+  m.def("mlp_coupling_bwd(Tensor grad_z2, Tensor grad_log_det, Tensor x1, Tensor x2, Tensor[] mlp, bool affine, "
+        "float logscale_factor) -> Tensor[]");
+  m.def("mlp_coupling_inv_bwd(Tensor grad_x2, Tensor x1, Tensor z2, Tensor[] mlp, bool affine, "
+        "float logscale_factor) -> Tensor[]");
+  const std::string glow_plan = "Tensor[] plan, int[] level_steps, int[] level_channels, int hidden, bool affine, "
+                                "bool lu, float logscale_factor";
+  m.def(("glow_fwd(Tensor x, Tensor[] params, Tensor mix, " + glow_plan +
+         ", bool save) -> (Tensor, Tensor, Tensor, Tensor, Tensor)").c_str());
+  m.def(("glow_inv(Tensor z, Tensor[] params, Tensor mix, " + glow_plan + ") -> Tensor").c_str());
+  m.def(("glow_bwd(Tensor grad_z, Tensor grad_log_det, Tensor grad_log_prior, Tensor z, Tensor[] params, Tensor mix, "
+         "Tensor mid, " + glow_plan + ") -> (Tensor, Tensor, Tensor)").c_str());
 }
 
 #define FLOWKERN_IMPL_ALL(m)                                     \

@@ -19,14 +19,15 @@ namespace flowkern {
 
 enum class DType : int { f16 = 0, bf16 = 1, f32 = 2, f64 = 3 };
 
-// The subnet of the fused MLP coupling (flowkern.ops.mlp_coupling): all acc-typed, contiguous.
+// The subnet of the fused MLP coupling (flowkern.ops.MlpParams, one Tensor[] argument the binding unpacks here once):
+// all acc-typed, contiguous.
 //   h1 = relu((x1 W1^T + b1) exp(f l1)), h2 = relu((h1 W2^T + b2) exp(f l2)), o = (h2 W3^T + b3) exp(f l3)
 // W1 [hidden, c1], W2 [hidden, hidden], W3 [outputs, hidden] with outputs = c2 (additive) or 2 c2 (affine).
-struct MlpWeights {
+struct MlpParams {
   const void *w1, *b1, *l1, *w2, *b2, *l2, *w3, *b3, *l3;
 };
 // Their gradients, same shapes, acc-typed.
-struct MlpGrads {
+struct MlpParamGrads {
   void *w1, *b1, *l1, *w2, *b2, *l2, *w3, *b3, *l3;
 };
 struct MlpShape {
@@ -90,15 +91,15 @@ void lu_weight_bwd(const void* dweight, const void* dlog_det, const int64_t* per
                    void* dlower, void* dupper, void* dlog_s, const ParallelFor& par);
 
 // ---- The BERT-flow coupling with its MLP subnet (x1 [B, c1], x2 [B, c2]; hidden <= kMaxFusedHidden) ----
-void mlp_coupling_fwd(const void* x1, const void* x2, DType dtype, const MlpWeights& w, const MlpShape& shape,
+void mlp_coupling_fwd(const void* x1, const void* x2, DType dtype, const MlpParams& w, const MlpShape& shape,
                       void* z2, void* log_det, const ParallelFor& par);
-void mlp_coupling_inv(const void* x1, const void* z2, DType dtype, const MlpWeights& w, const MlpShape& shape,
+void mlp_coupling_inv(const void* x1, const void* z2, DType dtype, const MlpParams& w, const MlpShape& shape,
                       void* x2, const ParallelFor& par);
 // forward: (dz2, dlog_det, x1, x2) -> dx1, dx2 (`other` = x2, `dother` = dx2);
 // inverse: (dx2, -, x1, z2) -> dx1, dz2 (`other` = z2, `dother` = dz2; dlog_det is null).
 void mlp_coupling_bwd(Direction direction, const void* dout, const void* dlog_det, const void* x1, const void* other,
-                      DType dtype, const MlpWeights& w, const MlpShape& shape, void* dx1, void* dother,
-                      const MlpGrads& grads, const ParallelFor& par);
+                      DType dtype, const MlpParams& w, const MlpShape& shape, void* dx1, void* dother,
+                      const MlpParamGrads& grads, const ParallelFor& par);
 
 // ---- The whole [B, C] Glow (flowkern.ops.glow: GlowPlan's tables, packed parameters) ----
 struct GlowPlanView {
@@ -157,14 +158,14 @@ void lu_weight_bwd(const void* dweight, const void* dlog_det, const int64_t* per
                    const void* upper, const void* sign_s, const void* log_s, DType dtype, int64_t channels,
                    void* dlower, void* dupper, void* dlog_s, Stream stream);
 
-void mlp_coupling_fwd(const void* x1, const void* x2, DType dtype, const MlpWeights& w, const MlpShape& shape,
+void mlp_coupling_fwd(const void* x1, const void* x2, DType dtype, const MlpParams& w, const MlpShape& shape,
                       void* z2, void* log_det, Stream stream);
-void mlp_coupling_inv(const void* x1, const void* z2, DType dtype, const MlpWeights& w, const MlpShape& shape,
+void mlp_coupling_inv(const void* x1, const void* z2, DType dtype, const MlpParams& w, const MlpShape& shape,
                       void* x2, Stream stream);
 int64_t mlp_coupling_bwd_workspace_bytes(DType dtype, const MlpShape& shape);
 void mlp_coupling_bwd(Direction direction, const void* dout, const void* dlog_det, const void* x1, const void* other,
-                      DType dtype, const MlpWeights& w, const MlpShape& shape, void* dx1, void* dother,
-                      const MlpGrads& grads, void* workspace, Stream stream);
+                      DType dtype, const MlpParams& w, const MlpShape& shape, void* dx1, void* dother,
+                      const MlpParamGrads& grads, void* workspace, Stream stream);
 }  // namespace cuda
 
 }  // namespace flowkern

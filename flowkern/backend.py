@@ -165,6 +165,11 @@ def resolve(x: torch.Tensor, op: str, available: tuple[str, ...] = NAMES) -> str
     return name
 
 
+def compiled_ops():
+    """The compiled extension's ops (flowkern.kernels.compiled), or None when it does not load."""
+    return _EXTENSION
+
+
 def kernels(name: str, family: str):
     """The module holding backend `name`'s launchers for an op family ("actnorm", "coupling", "invconv", ...).
 

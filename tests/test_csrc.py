@@ -41,7 +41,7 @@ def test_extension_loads_where_required():
 
 
 def test_cuda_sources_exist():
-    assert {p.stem for p in CUDA_SOURCES} >= {"actnorm", "coupling", "prior", "lu_weight", "mlp_coupling"}
+    assert {p.stem for p in CUDA_SOURCES} >= {"actnorm", "coupling", "prior", "invconv", "mlp_coupling"}
 
 
 def _nvcc_job(source: Path):
@@ -98,7 +98,7 @@ def test_compiled_ops_name_bad_input():
     with pytest.raises(ValueError, match="hidden width must be in"):
         w = [torch.randn(65, 3), torch.randn(65), torch.randn(65), torch.randn(65, 65), torch.randn(65),
              torch.randn(65), torch.randn(3, 65), torch.randn(3), torch.randn(3)]
-        ops.mlp_coupling_fwd(torch.randn(4, 3), torch.randn(4, 3), *w, False, 3.0)
+        ops.mlp_coupling_fwd(torch.randn(4, 3), torch.randn(4, 3), w, False, 3.0)
     with pytest.raises(ValueError, match="LU factors must be float32 or float64"):
         ops.lu_weight_fwd(torch.arange(3), torch.randn(3, 3).half(), torch.randn(3, 3), torch.ones(3),
                           torch.zeros(3))

@@ -32,9 +32,11 @@ namespace {
 constexpr int64_t kTileRows = 16;       // rows a tile carries through the flow together (weights stream once a tile)
 constexpr int64_t kMaxGroups = 8;       // row groups of the backward (one partial-gradient buffer each)
 
-// Columns of GlowPlan.meta (flowkern/ops/glow_ops.py): parameter offsets, then mixing offsets, C1, CL.
+// Columns of GlowPlan.meta, named in flowkern/kernels/glow_meta.py (OFF_ACTNORM_BIAS here kOffActnormBias, ...;
+// tests/ops/test_glow.py checks this enum against it): parameter offsets, mixing offsets, C1, CL, the z offset.
 enum Meta : int {
-  kActnormBias = 0, kActnormLogs, kW1, kB1, kL1, kW2, kB2, kL2, kW3, kB3, kL3, kMixW, kMixB, kC1, kCL, kMetaColumns = 16
+  kOffActnormBias = 0, kOffActnormLogs = 1, kOffW1 = 2, kOffB1 = 3, kOffL1 = 4, kOffW2 = 5, kOffB2 = 6, kOffL2 = 7,
+  kOffW3 = 8, kOffB3 = 9, kOffL3 = 10, kOffMixW = 11, kOffMixB = 12, kC1 = 13, kCl = 14, kZOffset = 15, kCount = 16
 };
 
 // idx[0] when idx is the range idx[0], idx[0] + 1, ..., else -1.
@@ -73,7 +75,7 @@ struct Step {
   std::vector<int64_t> input_source, output_source;   // packed column of W1 / row of W3 of each local one
   const int32_t* an = nullptr;           // the step's row of an_idx (ActNorm channel of each physical channel)
   const A *mix_w = nullptr, *mix_b = nullptr;   // LU: the folded W [CL, CL] and bias [CL]
-  int64_t off[kMetaColumns] = {};        // offsets into the packed parameters
+  int64_t off[kCount] = {};        // offsets into the packed parameters
   int64_t g_an_bias = 0, g_an_logs = 0, g_b1 = 0, g_l1 = 0, g_b2 = 0, g_l2 = 0, g_w1 = 0, g_w2 = 0, g_w3 = 0,
           g_b3 = 0, g_l3 = 0;            // offsets into the local gradient layout (gradient_layout)
 };
@@ -105,9 +107,9 @@ void prepare_step(const GlowPlanView& plan, const A* params, const A* mix, int64
   const int64_t C = plan.channels, H = plan.hidden;
   const A f = A(plan.logscale_factor);
   {
-    std::copy(plan.meta + s * kMetaColumns, plan.meta + (s + 1) * kMetaColumns, st.off);
+    std::copy(plan.meta + s * kCount, plan.meta + (s + 1) * kCount, st.off);
     st.c1 = st.off[kC1];
-    st.cl = st.off[kCL];
+    st.cl = st.off[kCl];
     st.c2 = st.cl - st.c1;
     st.outputs = st.c2 * (plan.affine ? 2 : 1);
     std::vector<int32_t> cond_of(st.c1, -1), trans_of(st.c2, -1);   // physical channel of each packed index
@@ -130,8 +132,8 @@ void prepare_step(const GlowPlanView& plan, const A* params, const A* mix, int64
       }
       st.active.push_back(int32_t(p));
       if (!plan.lu) {
-        const A logs = params[st.off[kActnormLogs] + an[p]];
-        st.dense_bias[p] = params[st.off[kActnormBias] + an[p]];
+        const A logs = params[st.off[kOffActnormLogs] + an[p]];
+        st.dense_bias[p] = params[st.off[kOffActnormBias] + an[p]];
         st.dense_scale[p] = exp_(f * logs);
         st.an_log_det += f * logs;
       }
@@ -151,9 +153,9 @@ void prepare_step(const GlowPlanView& plan, const A* params, const A* mix, int64
         st.output_source[k] = packed;
       }
     }
-    const A* w1 = params + st.off[kW1];
-    const A* w2 = params + st.off[kW2];
-    const A* w3 = params + st.off[kW3];
+    const A* w1 = params + st.off[kOffW1];
+    const A* w2 = params + st.off[kOffW2];
+    const A* w3 = params + st.off[kOffW3];
     const int64_t HP = st.hp = round_up(H, kGemmColumns<A>);
     const int64_t OP = st.op = round_up(st.outputs, kGemmColumns<A>);
     const int64_t C1P = st.c1p = round_up(st.c1, kGemmColumns<A>);
@@ -190,12 +192,12 @@ void prepare_step(const GlowPlanView& plan, const A* params, const A* mix, int64
         sc[i] = exp_(f * params[off_l + from]);
       }
     };
-    scaled(st.off[kB1], st.off[kL1], H, HP, nullptr, st.b1, st.s1);
-    scaled(st.off[kB2], st.off[kL2], H, HP, nullptr, st.b2, st.s2);
-    scaled(st.off[kB3], st.off[kL3], st.outputs, OP, st.output_source.data(), st.b3, st.s3);
+    scaled(st.off[kOffB1], st.off[kOffL1], H, HP, nullptr, st.b1, st.s1);
+    scaled(st.off[kOffB2], st.off[kOffL2], H, HP, nullptr, st.b2, st.s2);
+    scaled(st.off[kOffB3], st.off[kOffL3], st.outputs, OP, st.output_source.data(), st.b3, st.s3);
     if (plan.lu) {
-      st.mix_w = mix + st.off[kMixW];
-      st.mix_b = mix + st.off[kMixB];
+      st.mix_w = mix + st.off[kOffMixW];
+      st.mix_b = mix + st.off[kOffMixB];
     }
   }
 }
@@ -221,27 +223,27 @@ void gradient_layout(std::vector<Step<A>>& steps, int64_t H, bool lu, std::vecto
   for (Step<A>& st : steps) {
     const int64_t HP = st.hp;
     if (!lu) {
-      same_order(st.g_an_bias, st.off[kActnormBias], st.cl);
-      same_order(st.g_an_logs, st.off[kActnormLogs], st.cl);
+      same_order(st.g_an_bias, st.off[kOffActnormBias], st.cl);
+      same_order(st.g_an_logs, st.off[kOffActnormLogs], st.cl);
     }
-    same_order(st.g_b1, st.off[kB1], H);
-    same_order(st.g_l1, st.off[kL1], H);
-    same_order(st.g_b2, st.off[kB2], H);
-    same_order(st.g_l2, st.off[kL2], H);
+    same_order(st.g_b1, st.off[kOffB1], H);
+    same_order(st.g_l1, st.off[kOffL1], H);
+    same_order(st.g_b2, st.off[kOffB2], H);
+    same_order(st.g_l2, st.off[kOffL2], H);
     st.g_w1 = region(H * st.c1p);
     st.g_w2 = region(H * HP);
     st.g_w3 = region(st.outputs * HP);
     st.g_b3 = region(st.outputs);
     st.g_l3 = region(st.outputs);
     for (int64_t h = 0; h < H; ++h) {
-      for (int64_t j = 0; j < st.c1; ++j) packed_of[st.g_w1 + h * st.c1p + j] = st.off[kW1] + h * st.c1 + st.input_source[j];
-      for (int64_t k = 0; k < H; ++k) packed_of[st.g_w2 + h * HP + k] = st.off[kW2] + h * H + k;
+      for (int64_t j = 0; j < st.c1; ++j) packed_of[st.g_w1 + h * st.c1p + j] = st.off[kOffW1] + h * st.c1 + st.input_source[j];
+      for (int64_t k = 0; k < H; ++k) packed_of[st.g_w2 + h * HP + k] = st.off[kOffW2] + h * H + k;
     }
     for (int64_t o = 0; o < st.outputs; ++o) {
       const int64_t row = st.output_source[o];
-      for (int64_t h = 0; h < H; ++h) packed_of[st.g_w3 + o * HP + h] = st.off[kW3] + row * H + h;
-      packed_of[st.g_b3 + o] = st.off[kB3] + row;
-      packed_of[st.g_l3 + o] = st.off[kL3] + row;
+      for (int64_t h = 0; h < H; ++h) packed_of[st.g_w3 + o * HP + h] = st.off[kOffW3] + row * H + h;
+      packed_of[st.g_b3 + o] = st.off[kOffB3] + row;
+      packed_of[st.g_l3 + o] = st.off[kOffL3] + row;
     }
   }
 }

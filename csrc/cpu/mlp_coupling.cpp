@@ -33,7 +33,7 @@ struct Subnet {
   std::vector<A> w1, w2, w3;                 // backward: W1 [H, C1P], W2 [H, HP], W3 [OP, HP]
   std::vector<A> b1, s1, b2, s2, b3, s3;     // biases and scales exp(f l), padded to HP / OP
 
-  Subnet(const MlpWeights& w, const MlpShape& shape, bool for_backward)
+  Subnet(const MlpParams& w, const MlpShape& shape, bool for_backward)
       : c1(shape.c1), c2(shape.c2), hidden(shape.hidden), outputs(shape.affine ? 2 * shape.c2 : shape.c2),
         c1_padded(round_up(shape.c1, kGemmColumns<A>)), hidden_padded(round_up(shape.hidden, kGemmColumns<A>)),
         output_block(round_up(shape.c2, kGemmColumns<A>)), outputs_padded((shape.affine ? 2 : 1) * output_block),
@@ -204,7 +204,7 @@ void hidden_layer_backward(int64_t rows, int64_t H, int64_t HP, const A* a, cons
 
 template <typename T, typename A>
 void run_backward(Direction direction, const T* dout, const A* dlog_det, const T* x1, const T* in2,
-                  const Subnet<A>& net, int64_t batch, T* dx1, T* din2, const MlpGrads& grads,
+                  const Subnet<A>& net, int64_t batch, T* dx1, T* din2, const MlpParamGrads& grads,
                   const ParallelFor& par) {
   const int64_t c1 = net.c1, c2 = net.c2, H = net.hidden, HP = net.hidden_padded, C1P = net.c1_padded;
   const int64_t O = net.outputs, OP = net.outputs_padded, OB = net.output_block;
@@ -309,7 +309,7 @@ void run_backward(Direction direction, const T* dout, const A* dlog_det, const T
 
 }  // namespace
 
-void mlp_coupling_fwd(const void* x1, const void* x2, DType dtype, const MlpWeights& w, const MlpShape& shape,
+void mlp_coupling_fwd(const void* x1, const void* x2, DType dtype, const MlpParams& w, const MlpShape& shape,
                       void* z2, void* log_det, const ParallelFor& par) {
   check_hidden(shape.hidden, "mlp_coupling_fwd");
   dispatch_dtype(dtype, "mlp_coupling_fwd", [&](auto t) {
@@ -321,7 +321,7 @@ void mlp_coupling_fwd(const void* x1, const void* x2, DType dtype, const MlpWeig
   });
 }
 
-void mlp_coupling_inv(const void* x1, const void* z2, DType dtype, const MlpWeights& w, const MlpShape& shape,
+void mlp_coupling_inv(const void* x1, const void* z2, DType dtype, const MlpParams& w, const MlpShape& shape,
                       void* x2, const ParallelFor& par) {
   check_hidden(shape.hidden, "mlp_coupling_inv");
   dispatch_dtype(dtype, "mlp_coupling_inv", [&](auto t) {
@@ -334,8 +334,8 @@ void mlp_coupling_inv(const void* x1, const void* z2, DType dtype, const MlpWeig
 }
 
 void mlp_coupling_bwd(Direction direction, const void* dout, const void* dlog_det, const void* x1, const void* other,
-                      DType dtype, const MlpWeights& w, const MlpShape& shape, void* dx1, void* dother,
-                      const MlpGrads& grads, const ParallelFor& par) {
+                      DType dtype, const MlpParams& w, const MlpShape& shape, void* dx1, void* dother,
+                      const MlpParamGrads& grads, const ParallelFor& par) {
   check_hidden(shape.hidden, "mlp_coupling_bwd");
   dispatch_dtype(dtype, "mlp_coupling_bwd", [&](auto t) {
     using T = decltype(t);

@@ -629,7 +629,7 @@ __global__ void __launch_bounds__(kBlockThreads)
 }
 
 template <typename A>
-MlpArgs<A> mlp_args(const MlpWeights& w, const MlpShape& shape, DType dtype) {
+MlpArgs<A> mlp_args(const MlpParams& w, const MlpShape& shape, DType dtype) {
   return {static_cast<const A*>(w.w1), static_cast<const A*>(w.b1), static_cast<const A*>(w.l1),
           static_cast<const A*>(w.w2), static_cast<const A*>(w.b2), static_cast<const A*>(w.l2),
           static_cast<const A*>(w.w3), static_cast<const A*>(w.b3), static_cast<const A*>(w.l3),
@@ -651,7 +651,7 @@ void dispatch_hidden(int64_t hidden, const char* op, Fn&& fn) {
 
 int64_t backward_blocks(const MlpShape& shape) { return std::min(ceil_div(shape.batch, kRows), kBackwardBlocks); }
 
-void launch_forward(bool inverse, const void* x1, const void* in2, DType dtype, const MlpWeights& w,
+void launch_forward(bool inverse, const void* x1, const void* in2, DType dtype, const MlpParams& w,
                     const MlpShape& shape, void* out2, void* log_det, Stream stream, const char* op) {
   dispatch_dtype(dtype, op, [&](auto tag) {
     using A = acc_t<decltype(tag)>;
@@ -669,12 +669,12 @@ void launch_forward(bool inverse, const void* x1, const void* in2, DType dtype, 
 
 }  // namespace
 
-void mlp_coupling_fwd(const void* x1, const void* x2, DType dtype, const MlpWeights& w, const MlpShape& shape,
+void mlp_coupling_fwd(const void* x1, const void* x2, DType dtype, const MlpParams& w, const MlpShape& shape,
                       void* z2, void* log_det, Stream stream) {
   launch_forward(false, x1, x2, dtype, w, shape, z2, log_det, stream, "mlp_coupling_fwd");
 }
 
-void mlp_coupling_inv(const void* x1, const void* z2, DType dtype, const MlpWeights& w, const MlpShape& shape,
+void mlp_coupling_inv(const void* x1, const void* z2, DType dtype, const MlpParams& w, const MlpShape& shape,
                       void* x2, Stream stream) {
   launch_forward(true, x1, z2, dtype, w, shape, x2, nullptr, stream, "mlp_coupling_inv");
 }
@@ -689,8 +689,8 @@ int64_t mlp_coupling_bwd_workspace_bytes(DType dtype, const MlpShape& shape) {
 }
 
 void mlp_coupling_bwd(Direction direction, const void* dout, const void* dlog_det, const void* x1, const void* other,
-                      DType dtype, const MlpWeights& w, const MlpShape& shape, void* dx1, void* dother,
-                      const MlpGrads& grads, void* workspace, Stream stream) {
+                      DType dtype, const MlpParams& w, const MlpShape& shape, void* dx1, void* dother,
+                      const MlpParamGrads& grads, void* workspace, Stream stream) {
   const char* op = "mlp_coupling_bwd";
   dispatch_dtype(dtype, op, [&](auto tag) {
     using A = acc_t<decltype(tag)>;

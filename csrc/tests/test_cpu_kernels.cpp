@@ -3,7 +3,7 @@
 // against central differences of the naive forward (which checks the naive backwards' formulas); bitwise equal
 // results for different ParallelFor splits (the stand-in for thread counts); the error paths.
 // Build (from the repository root; CMake builds it as a test target):
-//   g++ -std=c++17 -O2 -I csrc csrc/tests/test_cpu_kernels.cpp csrc/cpu/{actnorm,coupling,prior,lu_weight,
+//   g++ -std=c++17 -O2 -I csrc csrc/tests/test_cpu_kernels.cpp csrc/cpu/{actnorm,coupling,prior,invconv,
 //       mlp_coupling}.cpp -o test_cpu_kernels && ./test_cpu_kernels
 #include <algorithm>
 #include <cmath>
@@ -592,7 +592,7 @@ void test_mlp_coupling(int64_t B, int64_t c1, int64_t c2, int64_t H, bool affine
                                    : i % 3 == 1 ? randn(sizes[i], 0.3) : randn(sizes[i], 0.1));
   std::vector<Vec> p;
   for (const auto& q : params) p.push_back(q.values);
-  const MlpWeights w{params[0].data.data(), params[1].data.data(), params[2].data.data(),
+  const MlpParams w{params[0].data.data(), params[1].data.data(), params[2].data.data(),
                      params[3].data.data(), params[4].data.data(), params[5].data.data(),
                      params[6].data.data(), params[7].data.data(), params[8].data.data()};
   Stored<T> x1(randn(B * c1)), in2(randn(B * c2)), dout(randn(B * c2));
@@ -604,7 +604,7 @@ void test_mlp_coupling(int64_t B, int64_t c1, int64_t c2, int64_t H, bool affine
       Stored<A> log_det(B);
       std::vector<Stored<A>> g;
       for (int64_t size : sizes) g.emplace_back(size);
-      const MlpGrads grads{g[0].data.data(), g[1].data.data(), g[2].data.data(), g[3].data.data(), g[4].data.data(),
+      const MlpParamGrads grads{g[0].data.data(), g[1].data.data(), g[2].data.data(), g[3].data.data(), g[4].data.data(),
                            g[5].data.data(), g[6].data.data(), g[7].data.data(), g[8].data.data()};
       if (inverse)
         cpu::mlp_coupling_inv(x1.data.data(), in2.data.data(), dt, w, shape, out2.data.data(), par);
@@ -655,8 +655,8 @@ void test_errors() {
   int64_t perm[2] = {0, 1};
   expect_throws([&] { cpu::lu_weight_fwd(perm, x, x, p, p, DType::bf16, 2, y, ld, par); },
                 "lu_weight_fwd rejects bf16 parameters");
-  const MlpWeights w{x, x, x, x, x, x, x, x, x};
-  const MlpGrads g{y, y, y, y, y, y, y, y, y};
+  const MlpParams w{x, x, x, x, x, x, x, x, x};
+  const MlpParamGrads g{y, y, y, y, y, y, y, y, y};
   for (const int64_t hidden : {kMaxFusedHidden + 1, int64_t(0)}) {
     const MlpShape shape{1, 1, 1, hidden, false, 3.0};
     const std::string h = " rejects hidden " + std::to_string(hidden);
@@ -680,9 +680,9 @@ void test_empty_batch() {
     p.emplace_back(size, 0.5f);
     g.emplace_back(size, 7.0f);
   }
-  const MlpWeights w{p[0].data(), p[1].data(), p[2].data(), p[3].data(), p[4].data(),
+  const MlpParams w{p[0].data(), p[1].data(), p[2].data(), p[3].data(), p[4].data(),
                      p[5].data(), p[6].data(), p[7].data(), p[8].data()};
-  const MlpGrads grads{g[0].data(), g[1].data(), g[2].data(), g[3].data(), g[4].data(),
+  const MlpParamGrads grads{g[0].data(), g[1].data(), g[2].data(), g[3].data(), g[4].data(),
                        g[5].data(), g[6].data(), g[7].data(), g[8].data()};
   cpu::mlp_coupling_bwd(Direction::forward, nullptr, nullptr, nullptr, nullptr, DType::f32, w,
                         MlpShape{0, c1, c2, H, true, 3.0}, nullptr, nullptr, grads, par);

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..ops import MlpParams
 from ..ops.mlp_coupling_ops import MAX_FUSED_HIDDEN
 from .actnorm import suspend_ddi
 from .layer import FlowLayer
@@ -53,8 +54,8 @@ class _Coupling(FlowLayer):
             return None
         if not net.actnorm1.logscale_factor == net.actnorm2.logscale_factor == LOGSCALE_FACTOR:
             return None
-        return (net.linear1.weight, net.actnorm1.bias, net.actnorm1.logs, net.linear2.weight, net.actnorm2.bias,
-                net.actnorm2.logs, net.out.weight, net.out.bias, net.out.logs)
+        return MlpParams(net.linear1.weight, net.actnorm1.bias, net.actnorm1.logs, net.linear2.weight,
+                         net.actnorm2.bias, net.actnorm2.logs, net.out.weight, net.out.bias, net.out.logs)
 
     def _forward(self, x: torch.Tensor):
         x1, x2 = ops.split_channels(x)
@@ -62,7 +63,7 @@ class _Coupling(FlowLayer):
         if params is None:
             z2, log_det = ops.coupling(x2, self._conditioner(x1, x2), self.affine)
         else:
-            z2, log_det = ops.mlp_coupling(x1, x2, *params, self.affine, LOGSCALE_FACTOR)
+            z2, log_det = ops.mlp_coupling(x1, x2, params, self.affine, LOGSCALE_FACTOR)
         return torch.cat([x1, z2], dim=1), log_det
 
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
@@ -72,7 +73,7 @@ class _Coupling(FlowLayer):
             if params is None:
                 x2 = ops.coupling_inverse(z2, self._conditioner(y1, z2), self.affine)
             else:
-                x2 = ops.mlp_coupling_inverse(y1, z2, *params, self.affine, LOGSCALE_FACTOR)
+                x2 = ops.mlp_coupling_inverse(y1, z2, params, self.affine, LOGSCALE_FACTOR)
         return torch.cat([y1, x2], dim=1)
 
     def extra_repr(self) -> str:

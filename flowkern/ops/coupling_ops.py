@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from .. import backend
 from .._checks import compute_dtype
+from .spec import BACKENDS, OpSpec, like, per_row
 
 
 def coupling_ref(x2, h, affine: bool):
@@ -33,94 +34,51 @@ def coupling_inverse_ref(z2, h, affine: bool):
     return x2.to(z2.dtype)
 
 
-_KERNEL_BACKENDS = ("triton", "cuda", "cpp")
+def _coupling_backward(args, grad_z2, grad_log_det):
+    if not args.affine:   # the additive backward is the identity (the kernel's backward is affine only)
+        return grad_z2, grad_z2.to(args.h.dtype)
+    return COUPLING_BWD(grad_z2, grad_log_det, args.x2, args.h, impl=args.impl)
 
 
-@torch.library.custom_op("flowkern::coupling_fwd", mutates_args=())
-def _coupling_fwd(x2: torch.Tensor, h: torch.Tensor, affine: bool,
-                  impl: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return backend.kernels(impl, "coupling").coupling_fwd(x2, h, affine)
-
-
-@_coupling_fwd.register_fake
-def _(x2, h, affine, impl):
-    return x2.new_empty(x2.shape), x2.new_empty(x2.shape[0], dtype=compute_dtype(x2.dtype))
-
-
-@torch.library.custom_op("flowkern::coupling_bwd", mutates_args=())
-def _coupling_bwd(grad_z2: torch.Tensor, grad_log_det: torch.Tensor, x2: torch.Tensor, h: torch.Tensor,
-                  impl: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Affine only: the additive backward is the identity."""
-    return backend.kernels(impl, "coupling").coupling_bwd(grad_z2, grad_log_det, x2, h)
-
-
-@_coupling_bwd.register_fake
-def _(grad_z2, grad_log_det, x2, h, impl):
-    return x2.new_empty(x2.shape), h.new_empty(h.shape)
-
-
-def _coupling_setup_context(ctx, inputs, output):
-    x2, h, affine, impl = inputs
-    if affine:
-        ctx.save_for_backward(x2, h)
-    ctx.affine, ctx.impl, ctx.h_dtype = affine, impl, h.dtype
-
-
-def _coupling_backward(ctx, grad_z2, grad_log_det):
-    if not ctx.affine:
-        return grad_z2, grad_z2.to(ctx.h_dtype), None, None
-    x2, h = ctx.saved_tensors
-    grad_x2, grad_h = _coupling_bwd(grad_z2, grad_log_det, x2, h, ctx.impl)
-    return grad_x2, grad_h, None, None
-
-
-_coupling_fwd.register_autograd(_coupling_backward, setup_context=_coupling_setup_context)
-
-
-@torch.library.custom_op("flowkern::coupling_inv", mutates_args=())
-def _coupling_inv(z2: torch.Tensor, h: torch.Tensor, affine: bool, impl: str) -> torch.Tensor:
-    return backend.kernels(impl, "coupling").coupling_inv(z2, h, affine)
-
-
-@_coupling_inv.register_fake
-def _(z2, h, affine, impl):
-    return z2.new_empty(z2.shape)
-
-
-def _coupling_inv_setup_context(ctx, inputs, output):
-    z2, h, affine, impl = inputs
-    ctx.save_for_backward(z2, h)
-    ctx.affine = affine
-
-
-def _coupling_inv_backward(ctx, grad_x2):
+def _coupling_inv_backward(args, grad_x2):
     # The inverse is the sampling path and rarely differentiated, so its backward is plain torch ops:
     # x2 = z2 * (1 + exp(-raw)) - shift with raw = h[:, 1::2] + 2.
-    z2, h = ctx.saved_tensors
-    if not ctx.affine:
-        return grad_x2, (-grad_x2).to(h.dtype), None, None
+    z2, h = args.z2, args.h
+    if not args.affine:
+        return grad_x2, (-grad_x2).to(h.dtype)
     dtype = compute_dtype(z2.dtype)
     grad_x2c = grad_x2.to(dtype)
     exp_neg_raw = torch.exp(-(h[:, 1::2].to(dtype) + 2.0))
     grad_z2 = grad_x2c * (1.0 + exp_neg_raw)
     grad_raw = -grad_x2c * z2.to(dtype) * exp_neg_raw
     grad_h = torch.stack([-grad_x2c, grad_raw], dim=2).flatten(1, 2)   # back to interleaved shift/scale channels
-    return grad_z2.to(z2.dtype), grad_h.to(h.dtype), None, None
+    return grad_z2.to(z2.dtype), grad_h.to(h.dtype)
 
 
-_coupling_inv.register_autograd(_coupling_inv_backward, setup_context=_coupling_inv_setup_context)
+COUPLING_BWD = OpSpec(   # affine only
+    "coupling_bwd", "coupling",
+    (("grad_z2", torch.Tensor), ("grad_log_det", torch.Tensor), ("x2", torch.Tensor), ("h", torch.Tensor)),
+    lambda grad_z2, grad_log_det, x2, h: (like(x2), like(h)), "(Tensor, Tensor)")
+COUPLING_FWD = OpSpec(
+    "coupling_fwd", "coupling", (("x2", torch.Tensor), ("h", torch.Tensor), ("affine", bool)),
+    lambda x2, h, affine: (like(x2), per_row(x2)), "(Tensor, Tensor)",
+    differentiable=("x2", "h"), backward=_coupling_backward)
+COUPLING_INV = OpSpec(
+    "coupling_inv", "coupling", (("z2", torch.Tensor), ("h", torch.Tensor), ("affine", bool)),
+    lambda z2, h, affine: like(z2), "Tensor",
+    differentiable=("z2", "h"), backward=_coupling_inv_backward)
 
 
 def coupling(x2: torch.Tensor, h: torch.Tensor, affine: bool):
     """Returns (z2, log_det[B])."""
-    impl = backend.resolve(x2, "coupling", ("torch",) + _KERNEL_BACKENDS)
+    impl = backend.resolve(x2, "coupling", BACKENDS)
     if impl == "torch":
         return coupling_ref(x2, h, affine)
-    return _coupling_fwd(x2, h, bool(affine), impl)
+    return COUPLING_FWD(x2, h, bool(affine), impl=impl)
 
 
 def coupling_inverse(z2: torch.Tensor, h: torch.Tensor, affine: bool):
-    impl = backend.resolve(z2, "coupling_inverse", ("torch",) + _KERNEL_BACKENDS)
+    impl = backend.resolve(z2, "coupling_inverse", BACKENDS)
     if impl == "torch":
         return coupling_inverse_ref(z2, h, affine)
-    return _coupling_inv(z2, h, bool(affine), impl)
+    return COUPLING_INV(z2, h, bool(affine), impl=impl)

@@ -12,6 +12,7 @@ import torch
 from .. import backend
 from .._checks import compute_dtype
 from .actnorm_ops import actnorm_ref
+from .spec import BACKENDS, OpSpec, like
 
 
 def _factors(lower, upper, sign_s, log_s):
@@ -77,140 +78,60 @@ def actnorm_invconv_ref(x, bias, logs, logscale_factor, weight, weight_log_det):
     return invconv_ref(normed, weight), log_det + weight_log_det.to(log_det.dtype) * pixels
 
 
-_KERNEL_BACKENDS = ("triton", "cuda", "cpp")
+def _same_format(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)   # the kernels keep x's memory format (channels-last images stay so)
 
 
 # ---- W from the LU factors ----
 
-@torch.library.custom_op("flowkern::lu_weight_fwd", mutates_args=())
-def _lu_weight_fwd(perm: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, sign_s: torch.Tensor,
-                   log_s: torch.Tensor, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return backend.kernels(impl, "invconv").lu_weight_fwd(perm, lower, upper, sign_s, log_s)
-
-
-@_lu_weight_fwd.register_fake
-def _(perm, lower, upper, sign_s, log_s, impl):
-    return lower.new_empty(lower.shape), log_s.new_empty(())
-
-
-@torch.library.custom_op("flowkern::lu_weight_bwd", mutates_args=())
-def _lu_weight_bwd(dweight: torch.Tensor, dlog_det: torch.Tensor, perm: torch.Tensor, lower: torch.Tensor,
-                   upper: torch.Tensor, sign_s: torch.Tensor, log_s: torch.Tensor,
-                   impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return backend.kernels(impl, "invconv").lu_weight_bwd(dweight, dlog_det, perm, lower, upper, sign_s, log_s)
-
-
-@_lu_weight_bwd.register_fake
-def _(dweight, dlog_det, perm, lower, upper, sign_s, log_s, impl):
-    return lower.new_empty(lower.shape), upper.new_empty(upper.shape), torch.empty_like(log_s)
-
-
-def _lu_weight_setup_context(ctx, inputs, output):
-    perm, lower, upper, sign_s, log_s, impl = inputs
-    ctx.save_for_backward(perm, lower, upper, sign_s, log_s)
-    ctx.impl = impl
-
-
-def _lu_weight_backward(ctx, dweight, dlog_det):
-    dlower, dupper, dlog_s = _lu_weight_bwd(dweight, dlog_det, *ctx.saved_tensors, ctx.impl)
-    return None, dlower, dupper, None, dlog_s, None
-
-
-_lu_weight_fwd.register_autograd(_lu_weight_backward, setup_context=_lu_weight_setup_context)
-
+_LU_FACTORS = (("perm", torch.Tensor), ("lower", torch.Tensor), ("upper", torch.Tensor), ("sign_s", torch.Tensor),
+               ("log_s", torch.Tensor))
+LU_WEIGHT_BWD = OpSpec(
+    "lu_weight_bwd", "invconv", (("grad_weight", torch.Tensor), ("grad_log_det", torch.Tensor)) + _LU_FACTORS,
+    lambda grad_weight, grad_log_det, perm, lower, upper, sign_s, log_s: (like(lower), like(upper), like(log_s)),
+    "(Tensor, Tensor, Tensor)")
+LU_WEIGHT_FWD = OpSpec(
+    "lu_weight_fwd", "invconv", _LU_FACTORS,
+    lambda perm, lower, upper, sign_s, log_s: (like(lower), log_s.new_empty(())), "(Tensor, Tensor)",
+    differentiable=("lower", "upper", "log_s"), backward=LU_WEIGHT_BWD)
 
 # ---- y = x @ W^T per pixel, optionally with the preceding ActNorm folded into the load ----
 
-@torch.library.custom_op("flowkern::invconv_fwd", mutates_args=())
-def _invconv_fwd(x: torch.Tensor, weight: torch.Tensor, impl: str) -> torch.Tensor:
-    return backend.kernels(impl, "invconv").invconv_fwd(x, weight)
+INVCONV_BWD = OpSpec(
+    "invconv_bwd", "invconv", (("grad_y", torch.Tensor), ("x", torch.Tensor), ("weight", torch.Tensor)),
+    lambda grad_y, x, weight: (_same_format(x), like(weight)), "(Tensor, Tensor)")
+INVCONV_FWD = OpSpec(
+    "invconv_fwd", "invconv", (("x", torch.Tensor), ("weight", torch.Tensor)),
+    lambda x, weight: _same_format(x), "Tensor", differentiable=("x", "weight"), backward=INVCONV_BWD)
 
-
-@_invconv_fwd.register_fake
-def _(x, weight, impl):
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("flowkern::invconv_bwd", mutates_args=())
-def _invconv_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                 impl: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return backend.kernels(impl, "invconv").invconv_bwd(dy, x, weight)
-
-
-@_invconv_bwd.register_fake
-def _(dy, x, weight, impl):
-    return torch.empty_like(x), torch.empty_like(weight)
-
-
-def _invconv_setup_context(ctx, inputs, output):
-    x, weight, impl = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.impl = impl
-
-
-def _invconv_backward(ctx, dy):
-    x, weight = ctx.saved_tensors
-    dx, dweight = _invconv_bwd(dy, x, weight, ctx.impl)
-    return dx, dweight, None
-
-
-_invconv_fwd.register_autograd(_invconv_backward, setup_context=_invconv_setup_context)
-
-
-@torch.library.custom_op("flowkern::actnorm_invconv_fwd", mutates_args=())
-def _actnorm_invconv_fwd(x: torch.Tensor, bias: torch.Tensor, logs: torch.Tensor, logscale_factor: float,
-                         weight: torch.Tensor, impl: str) -> torch.Tensor:
-    return backend.kernels(impl, "invconv").actnorm_invconv_fwd(x, bias, logs, logscale_factor, weight)
-
-
-@_actnorm_invconv_fwd.register_fake
-def _(x, bias, logs, logscale_factor, weight, impl):
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("flowkern::actnorm_invconv_bwd", mutates_args=())
-def _actnorm_invconv_bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, logs: torch.Tensor,
-                         logscale_factor: float, weight: torch.Tensor,
-                         impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return backend.kernels(impl, "invconv").actnorm_invconv_bwd(dy, x, bias, logs, logscale_factor, weight)
-
-
-@_actnorm_invconv_bwd.register_fake
-def _(dy, x, bias, logs, logscale_factor, weight, impl):
-    return torch.empty_like(x), torch.empty_like(bias), torch.empty_like(logs), torch.empty_like(weight)
-
-
-def _actnorm_invconv_setup_context(ctx, inputs, output):
-    x, bias, logs, logscale_factor, weight, impl = inputs
-    ctx.save_for_backward(x, bias, logs, weight)
-    ctx.logscale_factor, ctx.impl = logscale_factor, impl
-
-
-def _actnorm_invconv_backward(ctx, dy):
-    x, bias, logs, weight = ctx.saved_tensors
-    dx, dbias, dlogs, dweight = _actnorm_invconv_bwd(dy, x, bias, logs, ctx.logscale_factor, weight, ctx.impl)
-    return dx, dbias, dlogs, None, dweight, None
-
-
-_actnorm_invconv_fwd.register_autograd(_actnorm_invconv_backward, setup_context=_actnorm_invconv_setup_context)
+_ACTNORM_INVCONV_ARGS = (("x", torch.Tensor), ("bias", torch.Tensor), ("logs", torch.Tensor),
+                         ("logscale_factor", float), ("weight", torch.Tensor))
+ACTNORM_INVCONV_BWD = OpSpec(
+    "actnorm_invconv_bwd", "invconv", (("grad_y", torch.Tensor),) + _ACTNORM_INVCONV_ARGS,
+    lambda grad_y, x, bias, logs, f, weight: (_same_format(x), like(bias), like(logs), like(weight)),
+    "(Tensor, Tensor, Tensor, Tensor)")
+ACTNORM_INVCONV_FWD = OpSpec(
+    "actnorm_invconv_fwd", "invconv", _ACTNORM_INVCONV_ARGS,
+    lambda x, bias, logs, f, weight: _same_format(x), "Tensor",
+    differentiable=("x", "bias", "logs", "weight"), backward=ACTNORM_INVCONV_BWD)
 
 
 # ---- public entry points ----
 
 def lu_weight(perm, lower, upper, sign_s, log_s):
     """(W = P L U' [C, C], log |det W| as a 0-dim tensor)."""
-    impl = backend.resolve(lower, "lu_weight", ("torch",) + _KERNEL_BACKENDS)
+    impl = backend.resolve(lower, "lu_weight", BACKENDS)
     if impl == "torch":
         return lu_weight_ref(perm, lower, upper, sign_s, log_s)
-    return _lu_weight_fwd(perm, lower, upper, sign_s, log_s, impl)
+    return LU_WEIGHT_FWD(perm, lower, upper, sign_s, log_s, impl=impl)
 
 
 def invconv(x: torch.Tensor, weight: torch.Tensor):
     """y[:, i] = sum_j weight[i, j] x[:, j] at every pixel."""
-    impl = backend.resolve(x, "invconv", ("torch",) + _KERNEL_BACKENDS)
+    impl = backend.resolve(x, "invconv", BACKENDS)
     if impl == "torch":
         return invconv_ref(x, weight)
-    return _invconv_fwd(x, weight, impl)
+    return INVCONV_FWD(x, weight, impl=impl)
 
 
 def actnorm_invconv(x: torch.Tensor, bias: torch.Tensor, logs: torch.Tensor, logscale_factor: float,
@@ -222,22 +143,22 @@ def actnorm_invconv(x: torch.Tensor, bias: torch.Tensor, logs: torch.Tensor, log
     lu_weight (InvConv1x1.weight(), cached in eval mode). The log-det is a handful of scalar ops done in torch,
     so autograd routes its gradient to logs and weight_log_det.
     """
-    impl = backend.resolve(x, "actnorm_invconv", ("torch",) + _KERNEL_BACKENDS)
+    impl = backend.resolve(x, "actnorm_invconv", BACKENDS)
     if impl == "torch":
         return actnorm_invconv_ref(x, bias, logs, logscale_factor, weight, weight_log_det)
     dtype = compute_dtype(x.dtype)
     per_pixel = logscale_factor * logs.to(dtype).sum() + weight_log_det.to(dtype)
     log_det = (per_pixel * x[0, 0].numel()).expand(x.shape[0]).contiguous()
-    return _actnorm_invconv_fwd(x, bias, logs, logscale_factor, weight, impl), log_det
+    return ACTNORM_INVCONV_FWD(x, bias, logs, float(logscale_factor), weight, impl=impl), log_det
 
 
 def invconv_inverse(y, perm, lower, upper, sign_s, log_s):
     """x with invconv(x, W) = y. Kernel backends multiply by W^-1 from float64 triangular solves on the factors
     (lu_inverse_weight) with the forward's GEMM kernel; see flowkern/kernels/triton/invconv.py for why."""
-    impl = backend.resolve(y, "invconv_inverse", ("torch",) + _KERNEL_BACKENDS)
+    impl = backend.resolve(y, "invconv_inverse", BACKENDS)
     if impl == "torch":
         return invconv_inverse_ref(y, perm, lower, upper, sign_s, log_s)
-    return _invconv_fwd(y, lu_inverse_weight(perm, lower, upper, sign_s, log_s), impl)
+    return INVCONV_FWD(y, lu_inverse_weight(perm, lower, upper, sign_s, log_s), impl=impl)
 
 
 def permute_channels(x: torch.Tensor, perm: torch.Tensor):

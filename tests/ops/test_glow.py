@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import copy
 import importlib
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
 import flowkern
 from flowkern import ops
+from flowkern.kernels import glow_meta
 from flowkern.nn import ActNorm, AffineCoupling, Glow, MLPSubnet
 from flowkern.ops.glow_ops import GlowPlan, glow_ref, pack_forward
 from tests.conftest import KERNEL_BACKENDS
@@ -274,20 +277,31 @@ def test_bad_input_is_named():
         pack_forward(plan, [[torch.zeros(3)] * 11] * plan.steps)
 
 
+def test_compiled_kernel_names_the_meta_columns_as_python_does():
+    # csrc/cpu/glow.cpp's `enum Meta` spells each column of flowkern/kernels/glow_meta.py in C++ style
+    # (OFF_ACTNORM_BIAS: kOffActnormBias) with the same value.
+    source = (Path(__file__).resolve().parents[2] / "csrc" / "cpu" / "glow.cpp").read_text()
+    body = re.search(r"enum Meta : int \{([^}]*)\}", source).group(1)
+    cpp = {name: int(value) for name, value in re.findall(r"(k\w+) = (\d+)", body)}
+    python = {"k" + "".join(part.capitalize() for part in name.split("_")): value
+              for name, value in vars(glow_meta).items() if name.isupper()}
+    assert cpp == python
+    assert sorted(v for k, v in python.items() if k != "kCount") == list(range(glow_meta.COUNT))
+
+
 @each_backend
 @pytest.mark.parametrize("coupling, mixing", [("affine", "random"), ("additive", "lu")])
 def test_custom_ops_pass_opcheck(impl, coupling, mixing):
     device = device_for(impl)
     _, plan, (params, mix, _) = _plan_and_params(coupling, mixing, device)
     x = make((5, 10), device=device)
-    common = (plan.meta, plan.an_idx, plan.cp_idx, plan.z_idx, plan.order)
-    flags = (plan.hidden, plan.affine, plan.lu, plan.logscale_factor)
-    packed = torch.cat([p.detach().reshape(-1) for p in params])
+    plan_args = (list(plan.tables), plan.level_steps, plan.level_channels, plan.hidden, plan.affine, plan.lu,
+                 plan.logscale_factor)
+    leaves = [p.detach().clone().requires_grad_() for p in params]
     torch.library.opcheck(torch.ops.flowkern.glow_fwd.default,
-                          (x.requires_grad_(), packed.clone().requires_grad_(), mix.detach().requires_grad_(),
-                           *common, plan.level_steps, plan.level_channels, *flags, True, impl))
-    torch.library.opcheck(torch.ops.flowkern.glow_inv.default, (x.detach(), packed, mix.detach(), *common,
-                                                                 *flags, impl))
+                          (x.requires_grad_(), leaves, mix.detach().requires_grad_(), *plan_args, True, impl))
+    torch.library.opcheck(torch.ops.flowkern.glow_inv.default,
+                          (x.detach(), [p.detach() for p in params], mix.detach(), *plan_args, impl))
 
 
 @each_backend

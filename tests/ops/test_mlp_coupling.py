@@ -10,6 +10,7 @@ import torch
 import flowkern
 from flowkern import ops
 from flowkern.nn import AdditiveCoupling, AffineCoupling, Glow, MLPSubnet
+from flowkern.ops import MlpParams
 from flowkern.ops.mlp_coupling_ops import MAX_FUSED_HIDDEN, mlp_coupling_inverse_ref, mlp_coupling_ref
 from tests.conftest import KERNEL_BACKENDS
 from tests.ops.kernel_cases import LAYOUTS, LOW_PRECISION, assert_close, device_for, grad_dtype, make
@@ -31,12 +32,12 @@ def _half(channels: int) -> int:
 
 
 def _subnet_params(c1: int, c2: int, hidden: int, affine: bool, device, dtype=torch.float32):
-    """w1, b1, l1, w2, b2, l2, w3, b3, l3 away from their init (the last layer is zero at init)."""
+    """The subnet's MlpParams away from their init (the last layer is zero at init)."""
     out = c2 * (2 if affine else 1)
     params = [torch.randn(hidden, c1) / c1 ** 0.5, 0.3 * torch.randn(hidden), 0.1 * torch.randn(hidden),
               torch.randn(hidden, hidden) / hidden ** 0.5, 0.3 * torch.randn(hidden), 0.1 * torch.randn(hidden),
               torch.randn(out, hidden) / hidden ** 0.5, 0.3 * torch.randn(out), 0.1 * torch.randn(out)]
-    return [p.to(device, dtype).requires_grad_() for p in params]
+    return MlpParams(*(p.to(device, dtype).requires_grad_() for p in params))
 
 
 def _float64_copies(tensors):
@@ -49,12 +50,13 @@ def _check(impl: str, batch: int, channels: int, hidden: int, affine: bool, dtyp
     c2 = channels - c1
     x = make((batch, channels), dtype, layout, device=device).requires_grad_()
     params = _subnet_params(c1, c2, hidden, affine, device, grad_dtype(dtype))
-    x64, *params64 = _float64_copies([x] + params)
+    x64, *params64 = _float64_copies([x, *params])
+    params64 = MlpParams(*params64)
     op, ref = (ops.mlp_coupling_inverse, mlp_coupling_inverse_ref) if inverse else (ops.mlp_coupling,
                                                                                     mlp_coupling_ref)
     with flowkern.use_backend(impl):
-        out = op(x[:, :c1], x[:, c1:], *params, affine, FACTOR)
-    out64 = ref(x64[:, :c1], x64[:, c1:], *params64, affine, FACTOR)
+        out = op(x[:, :c1], x[:, c1:], params, affine, FACTOR)
+    out64 = ref(x64[:, :c1], x64[:, c1:], params64, affine, FACTOR)
     outputs, outputs64 = ([out], [out64]) if inverse else (list(out), list(out64))
     terms = c1 + hidden
     assert outputs[0].dtype == dtype and outputs[0].shape == (batch, c2)
@@ -69,8 +71,8 @@ def _check(impl: str, batch: int, channels: int, hidden: int, affine: bool, dtyp
         else:
             outputs, outputs64 = outputs[:1], outputs64[:1]
 
-    grads = torch.autograd.grad(outputs, [x] + params, upstream)
-    grads64 = torch.autograd.grad(outputs64, [x64] + params64, [g.double() for g in upstream])
+    grads = torch.autograd.grad(outputs, [x, *params], upstream)
+    grads64 = torch.autograd.grad(outputs64, [x64, *params64], [g.double() for g in upstream])
     assert_close(grads[0], grads64[0], dtype, terms=terms + c2)
     for grad, grad64 in zip(grads[1:], grads64[1:]):
         assert_close(grad, grad64, grad_dtype(dtype), terms=batch * (terms + c2))
@@ -120,8 +122,8 @@ def test_inverse_round_trip(impl, affine):
     x = make((33, 130), device=device)
     params = _subnet_params(65, 65, 32, affine, device)
     with flowkern.use_backend(impl), torch.no_grad():
-        z2, _ = ops.mlp_coupling(x[:, :65], x[:, 65:], *params, affine, FACTOR)
-        x2 = ops.mlp_coupling_inverse(x[:, :65], z2, *params, affine, FACTOR)
+        z2, _ = ops.mlp_coupling(x[:, :65], x[:, 65:], params, affine, FACTOR)
+        x2 = ops.mlp_coupling_inverse(x[:, :65], z2, params, affine, FACTOR)
     assert_close(x2, x[:, 65:].double(), torch.float32, terms=100)
 
 
@@ -129,12 +131,12 @@ def test_rejects_what_it_cannot_fuse():
     params = _subnet_params(3, 3, MAX_FUSED_HIDDEN + 1, False, "cpu")
     x = make((4, 6))
     with pytest.raises(ValueError, match="hidden width"):
-        ops.mlp_coupling(x[:, :3], x[:, 3:], *params, False)
+        ops.mlp_coupling(x[:, :3], x[:, 3:], params, False)
     image = make((4, 6, 3, 5))
     with pytest.raises(ValueError, match=r"\[B, C1\]"):
-        ops.mlp_coupling_inverse(image[:, :3], image[:, 3:], *_subnet_params(3, 3, 8, False, "cpu"), False)
+        ops.mlp_coupling_inverse(image[:, :3], image[:, 3:], _subnet_params(3, 3, 8, False, "cpu"), False)
     with pytest.raises(ValueError, match="do not fit"):  # affine needs twice x2's channels out of the subnet
-        ops.mlp_coupling(x[:, :3], x[:, 3:], *_subnet_params(3, 3, 8, False, "cpu"), True)
+        ops.mlp_coupling(x[:, :3], x[:, 3:], _subnet_params(3, 3, 8, False, "cpu"), True)
 
 
 # ---- references, custom ops, compile ----
@@ -145,13 +147,13 @@ def test_references_gradcheck(affine):
     params = _subnet_params(3, 2, 4, affine, "cpu", torch.float64)
 
     def forward(x, *params):
-        return mlp_coupling_ref(x[:, :3], x[:, 3:], *params, affine, FACTOR)
+        return mlp_coupling_ref(x[:, :3], x[:, 3:], MlpParams(*params), affine, FACTOR)
 
     def inverse(x, *params):
-        return mlp_coupling_inverse_ref(x[:, :3], x[:, 3:], *params, affine, FACTOR)
+        return mlp_coupling_inverse_ref(x[:, :3], x[:, 3:], MlpParams(*params), affine, FACTOR)
 
-    assert torch.autograd.gradcheck(forward, [x] + params)
-    assert torch.autograd.gradcheck(inverse, [x] + params)
+    assert torch.autograd.gradcheck(forward, [x, *params])
+    assert torch.autograd.gradcheck(inverse, [x, *params])
 
 
 @pytest.mark.parametrize("impl", KERNEL_BACKENDS)
@@ -162,13 +164,13 @@ def test_custom_ops_pass_opcheck(impl, affine):
     x1, x2 = x[:, :5], x[:, 5:]
     params = _subnet_params(5, 5, 8, affine, device)
     # The backward ops have no derivative of their own (no double backward): they get inputs without grad.
-    plain = [t.detach() for t in [x1, x2] + params]
+    plain = [x1.detach(), x2.detach(), [p.detach() for p in params]]
     dz2, dlog_det = make((5, 5), device=device), torch.randn(5, device=device)
     flowkern_ops = torch.ops.flowkern
     cases = [
-        (flowkern_ops.mlp_coupling_fwd, (x1, x2, *params, affine, FACTOR, impl)),
+        (flowkern_ops.mlp_coupling_fwd, (x1, x2, list(params), affine, FACTOR, impl)),
         (flowkern_ops.mlp_coupling_bwd, (dz2, dlog_det, *plain, affine, FACTOR, impl)),
-        (flowkern_ops.mlp_coupling_inv, (x1, x2, *params, affine, FACTOR, impl)),
+        (flowkern_ops.mlp_coupling_inv, (x1, x2, list(params), affine, FACTOR, impl)),
         (flowkern_ops.mlp_coupling_inv_bwd, (dz2, *plain, affine, FACTOR, impl)),
     ]
     for op, args in cases:
@@ -182,16 +184,16 @@ def test_custom_ops_compile_without_graph_breaks(impl):
     params = _subnet_params(5, 5, 8, True, device)
 
     def loss(x, *params):
-        z2, log_det = torch.ops.flowkern.mlp_coupling_fwd(x[:, :5], x[:, 5:], *params, True, FACTOR, impl)
-        x2 = torch.ops.flowkern.mlp_coupling_inv(x[:, :5], z2, *params, True, FACTOR, impl)
+        z2, log_det = torch.ops.flowkern.mlp_coupling_fwd(x[:, :5], x[:, 5:], list(params), True, FACTOR, impl)
+        x2 = torch.ops.flowkern.mlp_coupling_inv(x[:, :5], z2, list(params), True, FACTOR, impl)
         return (z2 * z2).sum() - log_det.sum() + (x2 * x2).sum()
 
     def reference(x, *params):
-        z2, log_det = mlp_coupling_ref(x[:, :5], x[:, 5:], *params, True, FACTOR)
-        x2 = mlp_coupling_inverse_ref(x[:, :5], z2, *params, True, FACTOR)
+        z2, log_det = mlp_coupling_ref(x[:, :5], x[:, 5:], MlpParams(*params), True, FACTOR)
+        x2 = mlp_coupling_inverse_ref(x[:, :5], z2, MlpParams(*params), True, FACTOR)
         return (z2 * z2).sum() - log_det.sum() + (x2 * x2).sum()
 
-    assert_compiled_matches_float64(loss, reference, [x] + params, terms=3 * x.numel() * 8)
+    assert_compiled_matches_float64(loss, reference, [x, *params], terms=3 * x.numel() * 8)
 
 
 # ---- the coupling layers use the fused op ----

@@ -43,16 +43,15 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch._utils import _flatten_dense_tensors
 
 from ..._checks import compute_dtype
+from .. import glow_meta as column   # the meta table's columns, read by name: _meta(meta_ptr, s, column.CL)
 from ._layout import compute_type, target_programs  # importing _layout also fixes interpreter loop bounds
 from .invconv import dot_precision
 
-# The per-step meta table (int64 [steps, 16], flowkern.ops.glow_ops.GlowPlan; _meta(meta_ptr, s, column) reads it):
-# offsets into the packed parameters of 0 ActNorm bias, 1 ActNorm logs, 2 W1, 3 b1, 4 logs1, 5 W2, 6 b2, 7 logs2,
-# 8 W3, 9 b3, 10 logs3; offsets into the LU buffer of 11 W, 12 bias; 13 the coupling's conditioning channels C1,
-# 14 the level's channels CL, 15 the first z column of the channels the level factors out (its remaining
-# channels' at the last level).
+# The per-step meta table (int64 [steps, column.COUNT], flowkern.ops.glow_ops.GlowPlan; _meta(meta_ptr, s, column.X)
+# reads column X, named in flowkern/kernels/glow_meta.py).
 
 _LOG_2PI = math.log(2 * math.pi)
 # -C/2 log(2 pi) per (device, dtype, C), as a tensor: a float kernel argument would be rounded to fp32.
@@ -85,7 +84,7 @@ def _blocks(on_gpu: bool, hidden: int, backward: bool = False) -> dict:
 
 @triton.jit
 def _meta(meta_ptr, s, col):
-    return tl.load(meta_ptr + s * 16 + col)
+    return tl.load(meta_ptr + s * column.COUNT + col)
 
 
 @triton.jit
@@ -116,7 +115,8 @@ def _scale_vec(params_ptr, off_b, off_l, idx, mask, logscale_factor, ACC: tl.con
 def _actnorm_params(params_ptr, meta_ptr, order_ptr, s, S, k, k_mask, C, logscale_factor, ACC: tl.constexpr):
     """(ActNorm channel, bias, scale) of coupling channels k at step s (permutation flows)."""
     an = tl.load(order_ptr + (S + s) * C + k, mask=k_mask, other=0)
-    b, sc = _scale_vec(params_ptr, _meta(meta_ptr, s, 0), _meta(meta_ptr, s, 1), an, k_mask, logscale_factor, ACC)
+    b, sc = _scale_vec(params_ptr, _meta(meta_ptr, s, column.OFF_ACTNORM_BIAS),
+                       _meta(meta_ptr, s, column.OFF_ACTNORM_LOGS), an, k_mask, logscale_factor, ACC)
     return an, b, sc
 
 
@@ -159,13 +159,15 @@ def _hidden(acc1, params_ptr, meta_ptr, s, HID, logscale_factor, ACC: tl.constex
     """(pre1, pre2) of the MLP from acc1 = x1 W1^T."""
     hid = tl.arange(0, HP)
     hid_mask = hid < HID
-    b1, s1 = _scale_vec(params_ptr, _meta(meta_ptr, s, 3), _meta(meta_ptr, s, 4), hid, hid_mask, logscale_factor, ACC)
+    b1, s1 = _scale_vec(params_ptr, _meta(meta_ptr, s, column.OFF_B1), _meta(meta_ptr, s, column.OFF_L1), hid,
+                        hid_mask, logscale_factor, ACC)
     pre1 = (acc1 + b1[None, :]) * s1[None, :]
-    off_w2 = _meta(meta_ptr, s, 5)
+    off_w2 = _meta(meta_ptr, s, column.OFF_W2)
     w2_t = tl.load(params_ptr + off_w2 + hid[None, :] * HID + hid[:, None],
                    mask=hid_mask[None, :] & hid_mask[:, None], other=0.0).to(ACC)
     a2 = tl.dot(tl.maximum(pre1, 0.0), w2_t, input_precision=PRECISION, out_dtype=ACC)
-    b2, s2 = _scale_vec(params_ptr, _meta(meta_ptr, s, 6), _meta(meta_ptr, s, 7), hid, hid_mask, logscale_factor, ACC)
+    b2, s2 = _scale_vec(params_ptr, _meta(meta_ptr, s, column.OFF_B2), _meta(meta_ptr, s, column.OFF_L2), hid,
+                        hid_mask, logscale_factor, ACC)
     return pre1, (a2 + b2[None, :]) * s2[None, :]
 
 
@@ -189,9 +191,10 @@ def _output_cols(h2, params_ptr, meta_ptr, s, cols, mask, HID, logscale_factor, 
                  PRECISION: tl.constexpr, HP: tl.constexpr):
     """(o, W3^T tile, s3) at output columns `cols`: o = (h2 W3[cols]^T + b3) s3, [BLOCK_B, BLOCK_C]."""
     hid = tl.arange(0, HP)
-    w3_t = tl.load(params_ptr + _meta(meta_ptr, s, 8) + cols[None, :] * HID + hid[:, None],
+    w3_t = tl.load(params_ptr + _meta(meta_ptr, s, column.OFF_W3) + cols[None, :] * HID + hid[:, None],
                    mask=mask[None, :] & (hid < HID)[:, None], other=0.0).to(ACC)
-    b3, s3 = _scale_vec(params_ptr, _meta(meta_ptr, s, 9), _meta(meta_ptr, s, 10), cols, mask, logscale_factor, ACC)
+    b3, s3 = _scale_vec(params_ptr, _meta(meta_ptr, s, column.OFF_B3), _meta(meta_ptr, s, column.OFF_L3), cols, mask,
+                        logscale_factor, ACC)
     o = (tl.dot(h2, w3_t, input_precision=PRECISION, out_dtype=ACC) + b3[None, :]) * s3[None, :]
     return o, w3_t, s3
 
@@ -208,7 +211,7 @@ def _first_layer_from(buf_ptr, rows_off, row_mask, params_ptr, meta_ptr, order_p
         k_mask = k < C1
         p = _physical(order_ptr, s, k, k_mask, C, LU)
         v = _tile(buf_ptr, rows_off, p, row_mask[:, None] & k_mask[None, :], ACC)
-        w1_t = _first_layer_tile(params_ptr, _meta(meta_ptr, s, 2), C1, k, k_mask, hid, hid < HID).to(ACC)
+        w1_t = _first_layer_tile(params_ptr, _meta(meta_ptr, s, column.OFF_W1), C1, k, k_mask, hid, hid < HID).to(ACC)
         acc1 = tl.dot(v, w1_t, acc1, input_precision=PRECISION, out_dtype=ACC)
     return acc1
 
@@ -302,14 +305,15 @@ def _glow_fwd_kernel(x_ptr, z_ptr, log_det_ptr, log_prior_ptr, prior_const_ptr, 
     sq = tl.zeros((BLOCK_B,), dtype=ACC)   # sum of z^2 for the prior
     slot = 0
     for s in range(S):
-        C1 = _meta(meta_ptr, s, 13)
-        CL = _meta(meta_ptr, s, 14)
+        C1 = _meta(meta_ptr, s, column.C1)
+        CL = _meta(meta_ptr, s, column.CL)
         # The level's last step (not the flow's): its transformed channels leave for z.
-        split = (s < S - 1) & (_meta(meta_ptr, tl.minimum(s + 1, S - 1), 14) != CL)
-        z_first = _meta(meta_ptr, s, 15)
+        split = (s < S - 1) & (_meta(meta_ptr, tl.minimum(s + 1, S - 1), column.CL) != CL)
+        z_first = _meta(meta_ptr, s, column.Z_OFFSET)
         if LU:
             _mix_gemm(ws_ptr + slot * slot_size, ws_ptr + (1 - slot) * slot_size, inp_ptr + s * slot_size,
-                      rows_off, row_mask, mix_ptr, _meta(meta_ptr, s, 11), _meta(meta_ptr, s, 12), CL,
+                      rows_off, row_mask, mix_ptr, _meta(meta_ptr, s, column.OFF_MIX_W),
+                      _meta(meta_ptr, s, column.OFF_MIX_B), CL,
                       True, False, SAVE, ACC, PRECISION, BLOCK_B, BLOCK_MIX)
             tl.debug_barrier()
             slot = 1 - slot
@@ -325,7 +329,8 @@ def _glow_fwd_kernel(x_ptr, z_ptr, log_det_ptr, log_prior_ptr, prior_const_ptr, 
             actnorm_log_det += log_scale
             if not LU:
                 tl.store(cur_ptr + rows_off[:, None] + p[None, :], v, mask=mask)
-            w1_t = _first_layer_tile(params_ptr, _meta(meta_ptr, s, 2), C1, k, k_mask, hid, hid_mask).to(ACC)
+            w1_t = _first_layer_tile(params_ptr, _meta(meta_ptr, s, column.OFF_W1), C1, k, k_mask, hid,
+                                     hid_mask).to(ACC)
             acc1 = tl.dot(v, w1_t, acc1, input_precision=PRECISION, out_dtype=ACC)
         h2 = _h2(acc1, params_ptr, meta_ptr, s, HID, logscale_factor, ACC, PRECISION, HP)
         # Transformed channels: ActNorm, save the coupling input, the coupling; at a split, straight to z.
@@ -352,8 +357,8 @@ def _glow_fwd_kernel(x_ptr, z_ptr, log_det_ptr, log_prior_ptr, prior_const_ptr, 
 
     # The last level's channels -> z, and the prior's log-prob, from the fp32 values (before any rounding to the
     # storage dtype, like the log-det).
-    CL = _meta(meta_ptr, S - 1, 14)
-    z_first = _meta(meta_ptr, S - 1, 15)
+    CL = _meta(meta_ptr, S - 1, column.CL)
+    z_first = _meta(meta_ptr, S - 1, column.Z_OFFSET)
     cur_ptr = ws_ptr + slot * slot_size
     for k0 in range(0, CL, BLOCK_C):
         k = k0 + tl.arange(0, BLOCK_C)
@@ -385,8 +390,8 @@ def _glow_inv_kernel(z_ptr, x_ptr, ws_ptr, params_ptr, mix_ptr, meta_ptr, order_
     hid = tl.arange(0, HP)
     hid_mask = hid < HID
 
-    CL = _meta(meta_ptr, S - 1, 14)
-    z_first = _meta(meta_ptr, S - 1, 15)
+    CL = _meta(meta_ptr, S - 1, column.CL)
+    z_first = _meta(meta_ptr, S - 1, column.Z_OFFSET)
     for k0 in range(0, CL, BLOCK_C):  # the last level's channels from z
         k = k0 + tl.arange(0, BLOCK_C)
         k_mask = k < CL
@@ -400,10 +405,10 @@ def _glow_inv_kernel(z_ptr, x_ptr, ws_ptr, params_ptr, mix_ptr, meta_ptr, order_
     slot = 0
     for si in range(S):
         s = S - 1 - si
-        C1 = _meta(meta_ptr, s, 13)
-        CL = _meta(meta_ptr, s, 14)
-        split = (s < S - 1) & (_meta(meta_ptr, tl.minimum(s + 1, S - 1), 14) != CL)
-        z_first = _meta(meta_ptr, s, 15)
+        C1 = _meta(meta_ptr, s, column.C1)
+        CL = _meta(meta_ptr, s, column.CL)
+        split = (s < S - 1) & (_meta(meta_ptr, tl.minimum(s + 1, S - 1), column.CL) != CL)
+        z_first = _meta(meta_ptr, s, column.Z_OFFSET)
         cur_ptr = ws_ptr + slot * slot_size
         # Conditioning channels pass through a coupling unchanged, so its output is the MLP's input; their ActNorm
         # inverse (permutation flows) is applied in the same pass.
@@ -414,7 +419,8 @@ def _glow_inv_kernel(z_ptr, x_ptr, ws_ptr, params_ptr, mix_ptr, meta_ptr, order_
             mask = row_mask[:, None] & k_mask[None, :]
             p = _physical(order_ptr, s, k, k_mask, C, LU)
             v = _tile(cur_ptr, rows_off, p, mask, ACC)
-            w1_t = _first_layer_tile(params_ptr, _meta(meta_ptr, s, 2), C1, k, k_mask, hid, hid_mask).to(ACC)
+            w1_t = _first_layer_tile(params_ptr, _meta(meta_ptr, s, column.OFF_W1), C1, k, k_mask, hid,
+                                     hid_mask).to(ACC)
             acc1 = tl.dot(v, w1_t, acc1, input_precision=PRECISION, out_dtype=ACC)
             if not LU:
                 an, b, sc = _actnorm_params(params_ptr, meta_ptr, order_ptr, s, S, k, k_mask, C, logscale_factor, ACC)
@@ -439,7 +445,8 @@ def _glow_inv_kernel(z_ptr, x_ptr, ws_ptr, params_ptr, mix_ptr, meta_ptr, order_
         tl.debug_barrier()
         if LU:
             _mix_gemm(cur_ptr, ws_ptr + (1 - slot) * slot_size, cur_ptr, rows_off, row_mask, mix_ptr,
-                      _meta(meta_ptr, s, 11), _meta(meta_ptr, s, 12), CL, True, False, False, ACC, PRECISION,
+                      _meta(meta_ptr, s, column.OFF_MIX_W), _meta(meta_ptr, s, column.OFF_MIX_B), CL, True, False,
+                      False, ACC, PRECISION,
                       BLOCK_B, BLOCK_MIX)
             tl.debug_barrier()
             slot = 1 - slot
@@ -459,10 +466,10 @@ def _output_cols_backward(do, o, h2, w3_t, s3, cols, mask, part_ptr, meta_ptr, s
     """Accumulates dW3, db3, dlogs3 at `cols` into the program's partials; returns the contribution to dh2."""
     hid = tl.arange(0, HP)
     dg = do * s3[None, :]
-    _accumulate(part_ptr + _meta(meta_ptr, s, 9) + cols, tl.sum(dg, axis=0), mask)
-    _accumulate(part_ptr + _meta(meta_ptr, s, 10) + cols, logscale_factor * tl.sum(do * o, axis=0), mask)
+    _accumulate(part_ptr + _meta(meta_ptr, s, column.OFF_B3) + cols, tl.sum(dg, axis=0), mask)
+    _accumulate(part_ptr + _meta(meta_ptr, s, column.OFF_L3) + cols, logscale_factor * tl.sum(do * o, axis=0), mask)
     dw3 = tl.dot(tl.trans(dg), h2, input_precision=PRECISION, out_dtype=ACC)
-    _accumulate(part_ptr + _meta(meta_ptr, s, 8) + cols[:, None] * HID + hid[None, :], dw3,
+    _accumulate(part_ptr + _meta(meta_ptr, s, column.OFF_W3) + cols[:, None] * HID + hid[None, :], dw3,
                 mask[:, None] & (hid < HID)[None, :])
     return tl.dot(dg, tl.trans(w3_t), input_precision=PRECISION, out_dtype=ACC)
 
@@ -474,8 +481,9 @@ def _actnorm_backward(dv, v, params_ptr, meta_ptr, order_ptr, part_ptr, s, S, k,
     ActNorm's parameter gradients. v is the saved output y = (x + b) s: d logs = f (sum dy y + sum d(log_det))."""
     an, b, sc = _actnorm_params(params_ptr, meta_ptr, order_ptr, s, S, k, k_mask, C, logscale_factor, ACC)
     dxn = dv * sc[None, :]
-    _accumulate(part_ptr + _meta(meta_ptr, s, 0) + an, tl.sum(dxn, axis=0), k_mask)
-    _accumulate(part_ptr + _meta(meta_ptr, s, 1) + an, logscale_factor * (tl.sum(dv * v, axis=0) + dlog_det_total),
+    _accumulate(part_ptr + _meta(meta_ptr, s, column.OFF_ACTNORM_BIAS) + an, tl.sum(dxn, axis=0), k_mask)
+    _accumulate(part_ptr + _meta(meta_ptr, s, column.OFF_ACTNORM_LOGS) + an,
+                logscale_factor * (tl.sum(dv * v, axis=0) + dlog_det_total),
                 k_mask)
     return dxn
 
@@ -502,8 +510,8 @@ def _glow_bwd_kernel(dz_ptr, dlog_det_ptr, dlog_prior_ptr, dx_ptr, ws_ptr, mid_p
         dlog_det_total = tl.sum(dlog_det, axis=0)
         # The last level's d(z) plus the prior's -z d(log_prior), into physical order (the factored-out channels'
         # come in at their split).
-        CL = _meta(meta_ptr, S - 1, 14)
-        z_first = _meta(meta_ptr, S - 1, 15)
+        CL = _meta(meta_ptr, S - 1, column.CL)
+        z_first = _meta(meta_ptr, S - 1, column.Z_OFFSET)
         for k0 in range(0, CL, BLOCK_C):
             k = k0 + tl.arange(0, BLOCK_C)
             k_mask = k < CL
@@ -518,10 +526,10 @@ def _glow_bwd_kernel(dz_ptr, dlog_det_ptr, dlog_prior_ptr, dx_ptr, ws_ptr, mid_p
         slot = 0
         for si in range(S):
             s = S - 1 - si
-            C1 = _meta(meta_ptr, s, 13)
-            CL = _meta(meta_ptr, s, 14)
-            split = (s < S - 1) & (_meta(meta_ptr, tl.minimum(s + 1, S - 1), 14) != CL)
-            z_first = _meta(meta_ptr, s, 15)
+            C1 = _meta(meta_ptr, s, column.C1)
+            CL = _meta(meta_ptr, s, column.CL)
+            split = (s < S - 1) & (_meta(meta_ptr, tl.minimum(s + 1, S - 1), column.CL) != CL)
+            z_first = _meta(meta_ptr, s, column.Z_OFFSET)
             cur_ptr = ws_ptr + slot * slot_size
             mid_s = mid_ptr + s * slot_size
             # Recompute the MLP from the saved coupling input.
@@ -573,25 +581,31 @@ def _glow_bwd_kernel(dz_ptr, dlog_det_ptr, dlog_prior_ptr, dx_ptr, ws_ptr, mid_p
                 tl.store(cur_ptr + rows_off[:, None] + p[None, :], dv, mask=mask)
             # Down through the two hidden layers (registers only).
             dpre2 = tl.where(pre2 > 0.0, dh2, 0.0)
-            s2 = _scale(params_ptr, _meta(meta_ptr, s, 6), _meta(meta_ptr, s, 7), hid, hid_mask, logscale_factor, ACC)
-            _accumulate(part_ptr + _meta(meta_ptr, s, 6) + hid, tl.sum(dpre2 * s2[None, :], axis=0), hid_mask)
-            _accumulate(part_ptr + _meta(meta_ptr, s, 7) + hid, logscale_factor * tl.sum(dpre2 * pre2, axis=0),
+            s2 = _scale(params_ptr, _meta(meta_ptr, s, column.OFF_B2), _meta(meta_ptr, s, column.OFF_L2), hid,
+                        hid_mask, logscale_factor, ACC)
+            _accumulate(part_ptr + _meta(meta_ptr, s, column.OFF_B2) + hid, tl.sum(dpre2 * s2[None, :], axis=0),
+                        hid_mask)
+            _accumulate(part_ptr + _meta(meta_ptr, s, column.OFF_L2) + hid,
+                        logscale_factor * tl.sum(dpre2 * pre2, axis=0),
                         hid_mask)
             da2 = dpre2 * s2[None, :]
             hid_2d = hid_mask[:, None] & hid_mask[None, :]
-            off_w2 = _meta(meta_ptr, s, 5)
+            off_w2 = _meta(meta_ptr, s, column.OFF_W2)
             _accumulate(part_ptr + off_w2 + hid[:, None] * HID + hid[None, :],
                         tl.dot(tl.trans(da2), h1, input_precision=PRECISION, out_dtype=ACC), hid_2d)
             w2 = tl.load(params_ptr + off_w2 + hid[:, None] * HID + hid[None, :], mask=hid_2d, other=0.0).to(ACC)
             dh1 = tl.dot(da2, w2, input_precision=PRECISION, out_dtype=ACC)
             dpre1 = tl.where(pre1 > 0.0, dh1, 0.0)
-            s1 = _scale(params_ptr, _meta(meta_ptr, s, 3), _meta(meta_ptr, s, 4), hid, hid_mask, logscale_factor, ACC)
-            _accumulate(part_ptr + _meta(meta_ptr, s, 3) + hid, tl.sum(dpre1 * s1[None, :], axis=0), hid_mask)
-            _accumulate(part_ptr + _meta(meta_ptr, s, 4) + hid, logscale_factor * tl.sum(dpre1 * pre1, axis=0),
+            s1 = _scale(params_ptr, _meta(meta_ptr, s, column.OFF_B1), _meta(meta_ptr, s, column.OFF_L1), hid,
+                        hid_mask, logscale_factor, ACC)
+            _accumulate(part_ptr + _meta(meta_ptr, s, column.OFF_B1) + hid, tl.sum(dpre1 * s1[None, :], axis=0),
+                        hid_mask)
+            _accumulate(part_ptr + _meta(meta_ptr, s, column.OFF_L1) + hid,
+                        logscale_factor * tl.sum(dpre1 * pre1, axis=0),
                         hid_mask)
             da1 = dpre1 * s1[None, :]
             # Conditioning channels: first layer (dW1, d(x1)), then the ActNorm backward or dmid.
-            off_w1 = _meta(meta_ptr, s, 2)
+            off_w1 = _meta(meta_ptr, s, column.OFF_W1)
             for k0 in range(0, C1, BLOCK_C):
                 k = k0 + tl.arange(0, BLOCK_C)
                 k_mask = k < C1
@@ -613,7 +627,8 @@ def _glow_bwd_kernel(dz_ptr, dlog_det_ptr, dlog_prior_ptr, dx_ptr, ws_ptr, mid_p
             tl.debug_barrier()
             if LU:
                 _mix_gemm(cur_ptr, ws_ptr + (1 - slot) * slot_size, cur_ptr, rows_off, row_mask, mix_ptr,
-                          _meta(meta_ptr, s, 11), 0, CL, False, True, False, ACC, PRECISION, BLOCK_B, BLOCK_MIX)
+                          _meta(meta_ptr, s, column.OFF_MIX_W), 0, CL, False, True, False, ACC, PRECISION, BLOCK_B,
+                          BLOCK_MIX)
                 tl.debug_barrier()
                 slot = 1 - slot
 
@@ -632,10 +647,12 @@ def _workspace(batch: int, channels: int, like: torch.Tensor, slots: int) -> tor
     return torch.empty((slots, batch, channels), dtype=compute_dtype(like.dtype), device=like.device)
 
 
-def glow_fwd(x: torch.Tensor, params: torch.Tensor, mix: torch.Tensor, meta: torch.Tensor, order: torch.Tensor,
-             hidden: int, affine: bool, lu: bool, logscale_factor: float, save: bool):
+def glow_fwd(x: torch.Tensor, params: list[torch.Tensor], mix: torch.Tensor, plan, level_steps: list[int],
+             level_channels: list[int], hidden: int, affine: bool, lu: bool, logscale_factor: float, save: bool):
     """(z, log_det, log_prior, mid, inp) for [B, C] x; mid [steps + 1, B, C] and inp [steps, B, C] (LU only)
-    are saved for the backward, empty unless `save`."""
+    are saved for the backward, empty unless `save`. plan: flowkern.ops.glow_ops.GlowTables (meta and order are
+    read here)."""
+    meta, order, params = plan.meta, plan.order, _flatten_dense_tensors(list(params))
     batch, channels = x.shape
     steps = meta.shape[0]
     acc = compute_dtype(x.dtype)
@@ -654,8 +671,9 @@ def glow_fwd(x: torch.Tensor, params: torch.Tensor, mix: torch.Tensor, meta: tor
     return z, log_det, log_prior, mid, inp
 
 
-def glow_inv(z: torch.Tensor, params: torch.Tensor, mix: torch.Tensor, meta: torch.Tensor, order: torch.Tensor,
-             hidden: int, affine: bool, lu: bool, logscale_factor: float) -> torch.Tensor:
+def glow_inv(z: torch.Tensor, params: list[torch.Tensor], mix: torch.Tensor, plan, level_steps: list[int],
+             level_channels: list[int], hidden: int, affine: bool, lu: bool, logscale_factor: float) -> torch.Tensor:
+    meta, order, params = plan.meta, plan.order, _flatten_dense_tensors(list(params))
     batch, channels = z.shape
     x = torch.empty_like(z, memory_format=torch.contiguous_format)
     ws = _workspace(batch, channels, z, 2 if lu else 1)
@@ -667,11 +685,13 @@ def glow_inv(z: torch.Tensor, params: torch.Tensor, mix: torch.Tensor, meta: tor
     return x
 
 
-def glow_bwd(dz: torch.Tensor, dlog_det: torch.Tensor, dlog_prior: torch.Tensor, z: torch.Tensor,
-             params: torch.Tensor, mix: torch.Tensor, mid: torch.Tensor, inp: torch.Tensor, meta: torch.Tensor,
-             order: torch.Tensor, level_steps: list[int], level_channels: list[int], hidden: int, affine: bool,
-             lu: bool, logscale_factor: float):
-    """(dx, dparams, dmix). LU flows: dmix from the GEMM-output gradients with one batched GEMM per level."""
+def glow_bwd(grad_z: torch.Tensor, grad_log_det: torch.Tensor, grad_log_prior: torch.Tensor, z: torch.Tensor,
+             params: list[torch.Tensor], mix: torch.Tensor, mid: torch.Tensor, plan, level_steps: list[int],
+             level_channels: list[int], hidden: int, affine: bool, lu: bool, logscale_factor: float):
+    """(dx, dparams packed, dmid): LU flows' dmid [steps, B, C] is the gradient at each mixing GEMM's output
+    (flowkern.ops.glow_ops.mix_gradient turns it into the mixing gradient)."""
+    dz, dlog_det, dlog_prior = grad_z, grad_log_det, grad_log_prior
+    meta, order, params = plan.meta, plan.order, _flatten_dense_tensors(list(params))
     batch, channels = z.shape
     steps = meta.shape[0]
     acc = compute_dtype(z.dtype)
@@ -689,15 +709,4 @@ def glow_bwd(dz: torch.Tensor, dlog_det: torch.Tensor, dlog_prior: torch.Tensor,
         batch, channels, steps, hidden, params.numel(), tiles, dz.stride(0), dz.stride(1), dx.stride(0),
         dx.stride(1), logscale_factor,
         AFFINE=affine, LU=lu, ACC=compute_type(z.dtype), PRECISION=dot_precision(z.dtype), **blocks)
-    dparams = partials.sum(0).to(params.dtype)
-    if not lu:
-        return dx, dparams, torch.zeros_like(mix)
-    dmix_parts, first = [], 0
-    for n_steps, cl in zip(level_steps, level_channels):
-        g = dmid[first:first + n_steps, :, :cl]
-        u = inp[first:first + n_steps, :, :cl]
-        dw = torch.bmm(g.transpose(1, 2), u)                                  # [steps, CL, CL]
-        db = g.sum(1)                                                          # [steps, CL]
-        dmix_parts.append(torch.cat([dw.flatten(1), db], dim=1).flatten())
-        first += n_steps
-    return dx, dparams, torch.cat(dmix_parts).to(mix.dtype)
+    return dx, partials.sum(0).to(params.dtype), dmid

@@ -260,20 +260,20 @@ def _mlp_coupling_bwd_kernel(dout_ptr, dlog_det_ptr, x1_ptr, in2_ptr, din2_ptr, 
                  mask=row_mask[:, None] & k_mask[None, :])
 
 
-def _contiguous_params(params) -> list[torch.Tensor]:
-    return [p.contiguous() for p in params]
+def _contiguous_params(mlp):
+    return type(mlp)(*(p.contiguous() for p in mlp))
 
 
 def _run_forward(x1: torch.Tensor, in2: torch.Tensor, params, affine: bool, logscale_factor: float,
                  inverse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    w1, b1, l1, w2, b2, l2, w3, b3, l3 = _contiguous_params(params)
+    params = _contiguous_params(params)
     batch, c1 = x1.shape
-    c2, hidden = in2.shape[1], w1.shape[0]
+    c2, hidden = in2.shape[1], params.w1.shape[0]
     out2 = torch.empty_like(in2)
     log_det = None if inverse else in2.new_empty(batch, dtype=compute_dtype(in2.dtype))
     blocks = _blocks(in2.is_cuda, in2.dtype, hidden, backward=False)
     _mlp_coupling_kernel[(triton.cdiv(batch, blocks["BLOCK_B"]),)](
-        x1, in2, out2, out2 if log_det is None else log_det, w1, b1, l1, w2, b2, l2, w3, b3, l3,
+        x1, in2, out2, out2 if log_det is None else log_det, *params,
         batch, c1, c2, hidden, x1.stride(0), x1.stride(1), in2.stride(0), in2.stride(1),
         out2.stride(0), out2.stride(1), logscale_factor, AFFINE=affine, INVERSE=inverse,
         ACC=compute_type(in2.dtype), PRECISION=dot_precision(in2.dtype), **blocks)
@@ -284,7 +284,7 @@ def _run_backward(dout: torch.Tensor, dlog_det: torch.Tensor | None, x1: torch.T
                   affine: bool, logscale_factor: float, inverse: bool):
     contiguous = _contiguous_params(params)
     batch, c1 = x1.shape
-    c2, hidden, outputs = in2.shape[1], params[0].shape[0], params[6].shape[0]  # w1 [H, C1], w3 [O, H]
+    c2, hidden, outputs = in2.shape[1], params.w1.shape[0], params.w3.shape[0]
     blocks = _blocks(in2.is_cuda, in2.dtype, hidden, backward=True)
     programs = triton.cdiv(batch, blocks["BLOCK_B"])
     din2, dx1 = torch.empty_like(in2), torch.empty_like(x1)
@@ -300,35 +300,25 @@ def _run_backward(dout: torch.Tensor, dlog_det: torch.Tensor | None, x1: torch.T
     return dx1, din2, *param_grads
 
 
-def mlp_coupling_fwd(x1: torch.Tensor, x2: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, l1: torch.Tensor,
-                     w2: torch.Tensor, b2: torch.Tensor, l2: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor,
-                     l3: torch.Tensor, affine: bool, logscale_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z2, log_det[B]) of the coupling with the MLP subnet's parameters (w1, b1, l1: first Linear and ActNorm,
-    w2, b2, l2: second, w3, b3, l3: ZeroLinear)."""
-    return _run_forward(x1, x2, (w1, b1, l1, w2, b2, l2, w3, b3, l3), affine, logscale_factor, inverse=False)
+def mlp_coupling_fwd(x1: torch.Tensor, x2: torch.Tensor, mlp, affine: bool,
+                     logscale_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z2, log_det[B]) of the coupling with the MLP subnet's parameters `mlp` (flowkern.ops.spec.MlpParams)."""
+    return _run_forward(x1, x2, mlp, affine, logscale_factor, inverse=False)
 
 
-def mlp_coupling_bwd(dz2: torch.Tensor, dlog_det: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor,
-                     w1: torch.Tensor, b1: torch.Tensor, l1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-                     l2: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor, l3: torch.Tensor, affine: bool,
-                     logscale_factor: float) -> tuple[torch.Tensor, ...]:
-    """(dx1 through the subnet, dx2, dw1, db1, dl1, dw2, db2, dl2, dw3, db3, dl3)."""
-    return _run_backward(dz2, dlog_det, x1, x2, (w1, b1, l1, w2, b2, l2, w3, b3, l3), affine, logscale_factor,
-                         inverse=False)
+def mlp_coupling_bwd(grad_z2: torch.Tensor, grad_log_det: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, mlp,
+                     affine: bool, logscale_factor: float) -> tuple[torch.Tensor, ...]:
+    """(dx1 through the subnet, dx2, then one gradient per member of mlp)."""
+    return _run_backward(grad_z2, grad_log_det, x1, x2, mlp, affine, logscale_factor, inverse=False)
 
 
-def mlp_coupling_inv(x1: torch.Tensor, z2: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, l1: torch.Tensor,
-                     w2: torch.Tensor, b2: torch.Tensor, l2: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor,
-                     l3: torch.Tensor, affine: bool, logscale_factor: float) -> torch.Tensor:
+def mlp_coupling_inv(x1: torch.Tensor, z2: torch.Tensor, mlp, affine: bool, logscale_factor: float) -> torch.Tensor:
     """x2 from z2 (x1 passes through the coupling unchanged, so the subnet sees the same input)."""
-    x2, _ = _run_forward(x1, z2, (w1, b1, l1, w2, b2, l2, w3, b3, l3), affine, logscale_factor, inverse=True)
+    x2, _ = _run_forward(x1, z2, mlp, affine, logscale_factor, inverse=True)
     return x2
 
 
-def mlp_coupling_inv_bwd(dx2: torch.Tensor, x1: torch.Tensor, z2: torch.Tensor, w1: torch.Tensor,
-                         b1: torch.Tensor, l1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, l2: torch.Tensor,
-                         w3: torch.Tensor, b3: torch.Tensor, l3: torch.Tensor, affine: bool,
+def mlp_coupling_inv_bwd(grad_x2: torch.Tensor, x1: torch.Tensor, z2: torch.Tensor, mlp, affine: bool,
                          logscale_factor: float) -> tuple[torch.Tensor, ...]:
-    """(dx1 through the subnet, dz2, dw1, db1, dl1, dw2, db2, dl2, dw3, db3, dl3) of mlp_coupling_inv."""
-    return _run_backward(dx2, None, x1, z2, (w1, b1, l1, w2, b2, l2, w3, b3, l3), affine, logscale_factor,
-                         inverse=True)
+    """(dx1 through the subnet, dz2, then one gradient per member of mlp) of mlp_coupling_inv."""
+    return _run_backward(grad_x2, None, x1, z2, mlp, affine, logscale_factor, inverse=True)

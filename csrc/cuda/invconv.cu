@@ -1,4 +1,5 @@
-// The 1x1 convolution's weight from its LU factors, and the backward (fp32 or fp64 parameters, C up to ~1024).
+// The 1x1 convolution (family invconv): its weight from its LU factors, and the backward (fp32 or fp64
+// parameters, C up to ~1024).
 //
 // With L = tril(lower, -1) + I, U' = triu(upper, 1) + diag(sign_s exp(log_s)) and row i of W = row perm[i] of L U':
 //   weight:  W[i][j]         = sum_k L[perm[i]][k] U'[k][j],  k <= min(perm[i], j)

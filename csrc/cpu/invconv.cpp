@@ -1,5 +1,5 @@
-// LU weight of the 1x1 convolution on the CPU: W = P L U' and its backward, with L = tril(lower, -1) + I,
-// U' = triu(upper, 1) + diag(sign_s exp(log_s)) and row i of P M = M[perm[i]].
+// The 1x1 convolution (family invconv) on the CPU, its LU weight: W = P L U' and its backward, with
+// L = tril(lower, -1) + I, U' = triu(upper, 1) + diag(sign_s exp(log_s)) and row i of P M = M[perm[i]].
 //
 // Both are GEMMs on tiles of kTileRows rows (csrc/cpu/dispatch.h: accumulators in registers, terms summed in
 // index order) whose depth and column blocks are cut by the triangular structure; their right-hand sides are packed
