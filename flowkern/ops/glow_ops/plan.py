@@ -8,10 +8,11 @@ import torch
 
 from ...kernels import glow_meta
 from ..mlp_coupling_ops import MAX_FUSED_HIDDEN
+from ..spec import MlpParams
 from ..split_ops import half
 
 # Per-step parameters in packing order (the ActNorm pair is left out of LU flows, where it is folded into W).
-STEP_PARAMS = ("actnorm_bias", "actnorm_logs", "w1", "b1", "l1", "w2", "b2", "l2", "w3", "b3", "l3")
+STEP_PARAMS = ("actnorm_bias", "actnorm_logs") + MlpParams._fields
 
 
 class GlowTables(NamedTuple):
