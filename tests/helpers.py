@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from flowkern.nn import ActNorm, InvConv1x1
+from flowkern.nn import ActNorm, Glow, InvConv1x1
 
 
 @torch.no_grad()
@@ -45,3 +45,10 @@ def backends_for_invariants() -> tuple[list[str], list[str]]:
     from tests.conftest import KERNEL_BACKENDS
     interpreted = [b for b in KERNEL_BACKENDS if b == "triton" and not torch.cuda.is_available()]
     return ["torch"] + [b for b in KERNEL_BACKENDS if b not in interpreted], interpreted
+
+
+def random_glow(channels: int, levels: int, coupling: str, mixing: str, device, hidden: int = 16,
+                depth: int = 2) -> Glow:
+    flow = Glow(channels, levels=levels, depth=depth, hidden=hidden, coupling=coupling, mixing=mixing).to(device)
+    # Mild noise: the round trip's error grows with the product of the steps' conditioning.
+    return randomize_(flow, scale=0.05)

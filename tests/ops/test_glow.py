@@ -13,12 +13,12 @@ import torch
 import flowkern
 from flowkern import ops
 from flowkern.kernels import glow_meta
-from flowkern.nn import ActNorm, AffineCoupling, Glow, MLPSubnet
+from flowkern.nn import Glow
 from flowkern.ops.glow_ops import GlowPlan, glow_ref, pack_forward
 from tests.conftest import KERNEL_BACKENDS
-from tests.helpers import randomize_
+from tests.helpers import random_glow
 from tests.ops.kernel_cases import assert_close, device_for, grad_dtype, make
-from tests.ops.kernel_checks import (HOPPER_ACTIVATIONS, LauncherCalls, assert_no_hopper_spills, hopper_case,
+from tests.ops.kernel_checks import (HOPPER_ACTIVATIONS, assert_no_hopper_spills, hopper_case,
                                      needs_hopper_toolchain, start_hopper_compile)
 from tests.pairwise import all_pairs, pairwise_parametrize
 
@@ -26,18 +26,10 @@ needs_triton = pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="needs
 # Kernel backends with a whole-Glow kernel here: Triton (GPU, or the interpreter) and the compiled CPU kernel.
 GLOW_BACKENDS = [b for b in KERNEL_BACKENDS if b in ("triton", "cpp")]
 each_backend = pytest.mark.parametrize("impl", GLOW_BACKENDS)
-LAUNCHER_MODULES = {"triton": "flowkern.kernels.triton.glow", "cpp": "flowkern.kernels.compiled"}
 # (channels, levels): odd channel counts put the extra channel in the kept half; 131 over 3 levels gives level
 # sizes 131, 66, 33, and 130/131 span two of the interpreted kernels' 128-channel chunks. Pairwise over backends,
 # sizes, couplings and mixings (the interpreter is slow).
 SIZES = [(10, 1), (10, 3), (131, 3), (130, 2)]
-LAUNCHERS = ("glow_fwd", "glow_inv", "glow_bwd")
-
-
-def _flow(channels: int, levels: int, coupling: str, mixing: str, device, hidden: int = 16, depth: int = 2):
-    flow = Glow(channels, levels=levels, depth=depth, hidden=hidden, coupling=coupling, mixing=mixing).to(device)
-    # Mild noise: the round trip's error grows with the product of the steps' conditioning.
-    return randomize_(flow, scale=0.05)
 
 
 def _outputs_and_grads(flow: Glow, x: torch.Tensor, backend: str, dtype: torch.dtype):
@@ -93,7 +85,7 @@ def _compare(flow: Glow, x: torch.Tensor, dtype: torch.dtype, impl: str = "trito
 def test_fused_matches_float64_reference(impl, sizes, coupling, mixing):
     channels, levels = sizes
     device = device_for(impl)
-    _compare(_flow(channels, levels, coupling, mixing, device), make((37, channels), device=device),
+    _compare(random_glow(channels, levels, coupling, mixing, device), make((37, channels), device=device),
              torch.float32, impl)
 
 
@@ -101,7 +93,7 @@ def test_fused_matches_float64_reference(impl, sizes, coupling, mixing):
                       flow=[("additive", "reverse"), ("affine", "lu")])
 def test_fused_dtypes(impl, dtype, flow):
     device = device_for(impl)
-    flow = _flow(67, 2, *flow, device)
+    flow = random_glow(67, 2, *flow, device)
     if dtype == torch.float64:
         flow = flow.double()
     _compare(flow, make((21, 67), dtype, device=device), dtype, impl)
@@ -111,7 +103,7 @@ def test_fused_dtypes(impl, dtype, flow):
 @pytest.mark.parametrize("layout", ["sliced", "strided"])
 def test_fused_reads_any_layout(impl, layout):
     device = device_for(impl)
-    _compare(_flow(130, 2, "affine", "random", device), make((37, 130), layout=layout, device=device),
+    _compare(random_glow(130, 2, "affine", "random", device), make((37, 130), layout=layout, device=device),
              torch.float32, impl)
 
 
@@ -119,7 +111,7 @@ def test_fused_reads_any_layout(impl, layout):
 def test_backward_walks_several_row_tiles_per_program(impl):
     # 150 rows = 5 tiles of 32 over the interpreter's 4 programs: partial gradients accumulate across tiles.
     device = device_for(impl)
-    _compare(_flow(10, 2, "affine", "reverse", device, depth=3), make((150, 10), device=device), torch.float32, impl)
+    _compare(random_glow(10, 2, "affine", "reverse", device, depth=3), make((150, 10), device=device), torch.float32, impl)
 
 
 @each_backend
@@ -127,110 +119,13 @@ def test_backward_walks_several_row_tiles_per_program(impl):
 def test_hidden_width_off_the_vector_width(impl, coupling, mixing):
     # hidden 20: the kernels pad the subnet's layers to their vector / block widths; the padding must stay inert.
     device = device_for(impl)
-    _compare(_flow(67, 2, coupling, mixing, device, hidden=20), make((37, 67), device=device), torch.float32, impl)
-
-
-# ---- which path a call takes ----
-
-@each_backend
-def test_path_for(impl):
-    device = device_for(impl)
-    x = make((8, 10), device=device)
-    flow = Glow(10, levels=2, depth=2, hidden=16).to(device)
-    with flowkern.use_backend("torch"):
-        assert flow.path_for(x) == "reference"
-    flowkern.set_backend(impl)
-    assert flow.path_for(x) == "ops"        # training mode, ActNorm data-dependent init pending
-    flow.eval()
-    assert flow.path_for(x) == "fused"      # eval mode never runs the init
-    flow.train()
-    flow(x)                                 # the init call
-    assert flow.path_for(x) == "fused"
-    assert flow.path_for(x.view(8, 10, 1, 1)) == "ops"
-    for other in (Glow(10, levels=1, depth=1, hidden=128),                  # hidden too wide for registers
-                  Glow(8, levels=1, depth=1, hidden=16, image=True)):       # image flows
-        for m in other.modules():
-            if isinstance(m, ActNorm):
-                m.initialized.fill_(True)
-        assert other.to(device).path_for(make((8, other.channels, 4, 4) if other.image else (8, 10),
-                                                device=device)) == "ops"
-    flow.fuse = False                       # the per-op path on request
-    assert flow.path_for(x) == "ops"
-    user = Glow(10, levels=1, depth=1, hidden=16).to(device).eval()
-    user.levels[0][0].coupling = AffineCoupling(10, subnet=MLPSubnet(5, 10, 16)).to(device)
-    assert user.path_for(x) == "ops"
-
-
-@each_backend
-def test_fused_path_follows_replaced_modules_and_parameters(impl):
-    # The fused path reads the module tree once and re-reads it when anything on it was replaced.
-    device = device_for(impl)
-    x = make((8, 10), device=device)
-    flow = _flow(10, 2, "additive", "reverse", device).eval()
-    with flowkern.use_backend(impl):
-        flow.log_prob(x)
-        net = flow.levels[1][0].coupling.subnet
-        net.out.weight = torch.nn.Parameter(torch.randn_like(net.out.weight))
-        flow.levels[0][1].actnorm = randomize_(ActNorm(10).to(device))
-        assert flow.path_for(x) == "fused"
-        fused = flow.log_prob(x)
-    with flowkern.use_backend("torch"):
-        expected = flow.log_prob(x)
-    torch.testing.assert_close(fused, expected, rtol=1e-4, atol=1e-4)
-    flow.levels[0][0].coupling = AffineCoupling(10, subnet=MLPSubnet(5, 10, 16)).to(device)
-    with flowkern.use_backend(impl):
-        assert flow.path_for(x) == "ops"
-
-
-@each_backend
-def test_first_training_call_initializes_unfused_then_fuses(impl, monkeypatch):
-    calls = LauncherCalls(monkeypatch, LAUNCHER_MODULES[impl], LAUNCHERS)
-    device = device_for(impl)
-    flow = Glow(10, levels=2, depth=2, hidden=16, coupling="affine").to(device)
-    x = 1.0 + 2.0 * make((33, 10), device=device)
-    flowkern.set_backend(impl)
-    flow.log_prob(x)
-    assert calls.counts["glow_fwd"] == 0
-    z, _ = flow(x)
-    (flow.log_prob(x).mean()).backward()
-    with torch.no_grad():
-        flow.inverse(z)
-    assert calls.counts == {"glow_fwd": 2, "glow_inv": 1, "glow_bwd": 1}
-    # The init on the first batch standardized it: the first level's ActNorm output has zero mean.
-    normed, _ = ops.actnorm(x, flow.levels[0][0].actnorm.bias, flow.levels[0][0].actnorm.logs, 3.0)
-    assert normed.mean(0).abs().max() < 1e-4
-
-
-@each_backend
-def test_inverse_with_gradients_takes_the_layer_path(impl, monkeypatch):
-    calls = LauncherCalls(monkeypatch, LAUNCHER_MODULES[impl], LAUNCHERS)
-    device = device_for(impl)
-    flow = _flow(10, 2, "additive", "reverse", device)
-    z = make((5, 10), device=device).requires_grad_()
-    flowkern.set_backend(impl)
-    flow.inverse(z).sum().backward()
-    assert calls.counts["glow_inv"] == 0 and z.grad is not None
-
-
-@each_backend
-def test_checkpoint_with_other_permutations_rebuilds_the_plan(impl):
-    device = device_for(impl)
-    flow = _flow(10, 2, "additive", "random", device).eval()
-    other = _flow(10, 2, "additive", "random", device).eval()
-    x = make((5, 10), device=device)
-    flowkern.set_backend(impl)
-    flow(x)
-    flow.load_state_dict(other.state_dict())
-    with torch.no_grad():
-        z, _ = flow(x)
-        expected, _ = other(x)
-    torch.testing.assert_close(z, expected)
+    _compare(random_glow(67, 2, coupling, mixing, device, hidden=20), make((37, 67), device=device), torch.float32, impl)
 
 
 # ---- the op itself ----
 
 def _plan_and_params(coupling: str, mixing: str, device):
-    flow = _flow(10, 2, coupling, mixing, device).eval()
+    flow = random_glow(10, 2, coupling, mixing, device).eval()
     plan = flow._plan(torch.device(device))
     weights = [s.mixing.weight() for s in flow._steps()] if mixing == "lu" else None
     return flow, plan, pack_forward(plan, flow._step_params(), weights)
@@ -307,7 +202,7 @@ def test_custom_ops_pass_opcheck(impl, coupling, mixing):
 @each_backend
 def test_fused_glow_compiles_without_graph_breaks(impl):
     device = device_for(impl)
-    flow = _flow(10, 2, "affine", "reverse", device)
+    flow = random_glow(10, 2, "affine", "reverse", device)
     x = make((9, 10), device=device)
     flowkern.set_backend(impl)
     flowkern.set_finite_checks(False)
@@ -367,7 +262,7 @@ def _nan_workspace(monkeypatch):
 def test_kernels_read_only_workspace_they_wrote(coupling, mixing, monkeypatch):
     _nan_workspace(monkeypatch)
     device = device_for("triton")
-    _compare(_flow(131, 3, coupling, mixing, device), make((37, 131), device=device), torch.float32)
+    _compare(random_glow(131, 3, coupling, mixing, device), make((37, 131), device=device), torch.float32)
 
 
 # ---- real sizes on a GPU ----
@@ -376,7 +271,7 @@ def test_kernels_read_only_workspace_they_wrote(coupling, mixing, monkeypatch):
 @pytest.mark.parametrize("coupling, mixing", [("additive", "reverse"), ("affine", "lu"), ("affine", "random")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_bert_flow_size(coupling, mixing, dtype):
-    flow = _flow(768, 3, coupling, mixing, "cuda", hidden=32, depth=3)
+    flow = random_glow(768, 3, coupling, mixing, "cuda", hidden=32, depth=3)
     _compare(flow, make((4099, 768), dtype, device="cuda"), dtype)
 
 
@@ -384,12 +279,12 @@ def test_gpu_bert_flow_size(coupling, mixing, dtype):
 @pytest.mark.parametrize("coupling, mixing", [("additive", "reverse"), ("affine", "lu")])
 def test_gpu_kernels_read_only_workspace_they_wrote(coupling, mixing, monkeypatch):
     _nan_workspace(monkeypatch)
-    _compare(_flow(768, 3, coupling, mixing, "cuda", hidden=32, depth=3), make((4099, 768), device="cuda"),
+    _compare(random_glow(768, 3, coupling, mixing, "cuda", hidden=32, depth=3), make((4099, 768), device="cuda"),
              torch.float32)
 
 
 @pytest.mark.gpu
 def test_gpu_odd_size():
-    _compare(_flow(131, 3, "affine", "random", "cuda", hidden=64), make((20001, 131), torch.bfloat16,
+    _compare(random_glow(131, 3, "affine", "random", "cuda", hidden=64), make((20001, 131), torch.bfloat16,
                                                                          layout="strided", device="cuda"),
              torch.bfloat16)
