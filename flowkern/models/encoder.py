@@ -173,8 +173,8 @@ def cpu_has_native_bf16() -> bool:
 
 def default_bf16(device: torch.device) -> bool:
     """The fast path's precision: bf16 on CUDA, and on CPUs with native bf16; fp32 elsewhere. STS-B Spearman of the
-    embedded MiniLM's pooled embeddings: fp32 81.55, bf16 autocast 81.55, the CPU's bf16 copy 81.54 (its pooled
-    vectors within 1.1e-2 of fp32's, autocast's within 4e-3; measured on 1,000 STS-B sentences)."""
+    embedded MiniLM's pooled embeddings: fp32 81.55, the CPU's bf16 copy 81.54 (its pooled vectors within 1.1e-2 of
+    fp32's, autocast's within 4e-3; measured on 1,000 STS-B sentences)."""
     return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
 
 
