@@ -65,10 +65,10 @@ def _op_cases():
     x, bias, logs = torch.randn(b, c), torch.randn(c), 0.1 * torch.randn(c)
     yield "actnorm fwd+bwd [4096, 768]", _forward_backward(lambda *t: ops.actnorm(*t, 3.0), x, bias, logs)
     x2 = torch.randn(b, c // 2)
-    yield "coupling additive fwd+bwd", _forward_backward(lambda a, g: ops.coupling(a, g, False), x2,
-                                                          torch.randn(b, c // 2))
-    yield "coupling affine fwd+bwd", _forward_backward(lambda a, g: ops.coupling(a, g, True), x2.clone(),
-                                                        torch.randn(b, c))
+    yield "coupling_epilogue additive fwd+bwd", _forward_backward(
+        lambda a, g: ops.coupling_epilogue(a, g, False), x2, torch.randn(b, c // 2))
+    yield "coupling_epilogue affine fwd+bwd", _forward_backward(
+        lambda a, g: ops.coupling_epilogue(a, g, True), x2.clone(), torch.randn(b, c))
     yield "gaussian_log_prob fwd+bwd", _forward_backward(lambda z: (ops.gaussian_log_prob(z),), torch.randn(b, c))
     weights = [0.1 * torch.randn(h, c // 2), torch.randn(h), 0.1 * torch.randn(h), 0.1 * torch.randn(h, h),
                torch.randn(h), 0.1 * torch.randn(h), 0.1 * torch.randn(c, h), torch.randn(c), 0.1 * torch.randn(c)]

@@ -45,9 +45,9 @@ def test_actnorm_forward_backward(benchmark):
 
 
 @pytest.mark.parametrize("affine", [False, True], ids=["additive", "affine"])
-def test_coupling_forward_backward(benchmark, affine):
+def test_coupling_epilogue_forward_backward(benchmark, affine):
     x2, h = torch.randn(B, C // 2), torch.randn(B, C if affine else C // 2)
-    benchmark(_forward_backward(lambda x2, h: ops.coupling(x2, h, affine), x2, h))
+    benchmark(_forward_backward(lambda x2, h: ops.coupling_epilogue(x2, h, affine), x2, h))
 
 
 def test_gaussian_log_prob_forward_backward(benchmark):

@@ -198,7 +198,7 @@ std::tuple<Tensor, Tensor, Tensor> actnorm_bwd(const Tensor& dy_in, const Tensor
 // ---------------------------------------------------------------------------------------------------------------
 // Coupling epilogue
 
-void check_coupling(const Tensor& x2, const Tensor& h, bool affine, const char* op, const char* x2_name) {
+void check_coupling_epilogue(const Tensor& x2, const Tensor& h, bool affine, const char* op, const char* x2_name) {
   check_device(h, x2, op, "h");
   TORCH_CHECK_VALUE(h.dim() == x2.dim() && h.size(0) == x2.size(0) && h.size(1) == x2.size(1) * (affine ? 2 : 1) &&
                         (x2.dim() == 2 || (h.size(2) == x2.size(2) && h.size(3) == x2.size(3))),
@@ -206,51 +206,51 @@ void check_coupling(const Tensor& x2, const Tensor& h, bool affine, const char* 
                     x2_name, " ", x2.sizes(), ", h ", h.sizes());
 }
 
-std::tuple<Tensor, Tensor> coupling_fwd(const Tensor& x2_in, const Tensor& h_in, bool affine) {
-  const char* op = "coupling_fwd";
+std::tuple<Tensor, Tensor> coupling_epilogue_fwd(const Tensor& x2_in, const Tensor& h_in, bool affine) {
+  const char* op = "coupling_epilogue_fwd";
   auto [batch, channels, pixels] = rows_of(x2_in, op, "x2");
-  check_coupling(x2_in, h_in, affine, op, "x2");
+  check_coupling_epilogue(x2_in, h_in, affine, op, "x2");
   const DType dtype = dtype_of(x2_in, op, "x2"), h_dtype = dtype_of(h_in, op, "h");
   const Tensor x2 = x2_in.contiguous(), h = h_in.contiguous();
   Tensor z2 = new_like_rows(x2), log_det = acc_vector(x2, batch);
   if (on_cuda(x2, op)) {
 #ifdef FLOWKERN_WITH_CUDA
     const c10::cuda::CUDAGuard guard(x2.device());
-    flowkern::cuda::coupling_fwd(x2.data_ptr(), dtype, h.data_ptr(), h_dtype, batch, channels, pixels, affine,
-                                 z2.data_ptr(), log_det.data_ptr(), stream_of(x2));
+    flowkern::cuda::coupling_epilogue_fwd(x2.data_ptr(), dtype, h.data_ptr(), h_dtype, batch, channels, pixels, affine,
+                                          z2.data_ptr(), log_det.data_ptr(), stream_of(x2));
 #endif
   } else {
-    flowkern::cpu::coupling_fwd(x2.data_ptr(), dtype, h.data_ptr(), h_dtype, batch, channels, pixels, affine,
-                                z2.data_ptr(), log_det.data_ptr(), kParallelFor);
+    flowkern::cpu::coupling_epilogue_fwd(x2.data_ptr(), dtype, h.data_ptr(), h_dtype, batch, channels, pixels, affine,
+                                         z2.data_ptr(), log_det.data_ptr(), kParallelFor);
   }
   return {z2, log_det};
 }
 
-Tensor coupling_inv(const Tensor& z2_in, const Tensor& h_in, bool affine) {
-  const char* op = "coupling_inv";
+Tensor coupling_epilogue_inv(const Tensor& z2_in, const Tensor& h_in, bool affine) {
+  const char* op = "coupling_epilogue_inv";
   auto [batch, channels, pixels] = rows_of(z2_in, op, "z2");
-  check_coupling(z2_in, h_in, affine, op, "z2");
+  check_coupling_epilogue(z2_in, h_in, affine, op, "z2");
   const DType dtype = dtype_of(z2_in, op, "z2"), h_dtype = dtype_of(h_in, op, "h");
   const Tensor z2 = z2_in.contiguous(), h = h_in.contiguous();
   Tensor x2 = new_like_rows(z2);
   if (on_cuda(z2, op)) {
 #ifdef FLOWKERN_WITH_CUDA
     const c10::cuda::CUDAGuard guard(z2.device());
-    flowkern::cuda::coupling_inv(z2.data_ptr(), dtype, h.data_ptr(), h_dtype, batch, channels, pixels, affine,
-                                 x2.data_ptr(), stream_of(z2));
+    flowkern::cuda::coupling_epilogue_inv(z2.data_ptr(), dtype, h.data_ptr(), h_dtype, batch, channels, pixels, affine,
+                                          x2.data_ptr(), stream_of(z2));
 #endif
   } else {
-    flowkern::cpu::coupling_inv(z2.data_ptr(), dtype, h.data_ptr(), h_dtype, batch, channels, pixels, affine,
-                                x2.data_ptr(), kParallelFor);
+    flowkern::cpu::coupling_epilogue_inv(z2.data_ptr(), dtype, h.data_ptr(), h_dtype, batch, channels, pixels, affine,
+                                         x2.data_ptr(), kParallelFor);
   }
   return x2;
 }
 
-std::tuple<Tensor, Tensor> coupling_bwd(const Tensor& dz2_in, const Tensor& dlog_det_in, const Tensor& x2_in,
-                                        const Tensor& h_in) {
-  const char* op = "coupling_bwd";
+std::tuple<Tensor, Tensor> coupling_epilogue_bwd(const Tensor& dz2_in, const Tensor& dlog_det_in, const Tensor& x2_in,
+                                                 const Tensor& h_in) {
+  const char* op = "coupling_epilogue_bwd";
   auto [batch, channels, pixels] = rows_of(x2_in, op, "x2");
-  check_coupling(x2_in, h_in, /*affine=*/true, op, "x2");
+  check_coupling_epilogue(x2_in, h_in, /*affine=*/true, op, "x2");
   check_shape(dz2_in, x2_in.sizes(), op, "grad_z2");
   check_device(dz2_in, x2_in, op, "grad_z2");
   const DType dtype = dtype_of(x2_in, op, "x2"), h_dtype = dtype_of(h_in, op, "h");
@@ -260,12 +260,14 @@ std::tuple<Tensor, Tensor> coupling_bwd(const Tensor& dz2_in, const Tensor& dlog
   if (on_cuda(x2, op)) {
 #ifdef FLOWKERN_WITH_CUDA
     const c10::cuda::CUDAGuard guard(x2.device());
-    flowkern::cuda::coupling_bwd(dz2.data_ptr(), dlog_det.data_ptr(), x2.data_ptr(), dtype, h.data_ptr(), h_dtype,
-                                 batch, channels, pixels, dx2.data_ptr(), dh.data_ptr(), stream_of(x2));
+    flowkern::cuda::coupling_epilogue_bwd(dz2.data_ptr(), dlog_det.data_ptr(), x2.data_ptr(), dtype, h.data_ptr(),
+                                          h_dtype, batch, channels, pixels, dx2.data_ptr(), dh.data_ptr(),
+                                          stream_of(x2));
 #endif
   } else {
-    flowkern::cpu::coupling_bwd(dz2.data_ptr(), dlog_det.data_ptr(), x2.data_ptr(), dtype, h.data_ptr(), h_dtype,
-                                batch, channels, pixels, dx2.data_ptr(), dh.data_ptr(), kParallelFor);
+    flowkern::cpu::coupling_epilogue_bwd(dz2.data_ptr(), dlog_det.data_ptr(), x2.data_ptr(), dtype, h.data_ptr(),
+                                         h_dtype, batch, channels, pixels, dx2.data_ptr(), dh.data_ptr(),
+                                         kParallelFor);
   }
   return {dx2, dh};
 }
@@ -700,9 +702,9 @@ TORCH_LIBRARY(flowkern_C, m) {
   m.def("actnorm_inv(Tensor y, Tensor bias, Tensor logs, float logscale_factor) -> Tensor");
   m.def("actnorm_bwd(Tensor grad_y, Tensor grad_log_det, Tensor x, Tensor bias, Tensor logs, "
         "float logscale_factor) -> (Tensor, Tensor, Tensor)");
-  m.def("coupling_fwd(Tensor x2, Tensor h, bool affine) -> (Tensor, Tensor)");
-  m.def("coupling_inv(Tensor z2, Tensor h, bool affine) -> Tensor");
-  m.def("coupling_bwd(Tensor grad_z2, Tensor grad_log_det, Tensor x2, Tensor h) -> (Tensor, Tensor)");
+  m.def("coupling_epilogue_fwd(Tensor x2, Tensor h, bool affine) -> (Tensor, Tensor)");
+  m.def("coupling_epilogue_inv(Tensor z2, Tensor h, bool affine) -> Tensor");
+  m.def("coupling_epilogue_bwd(Tensor grad_z2, Tensor grad_log_det, Tensor x2, Tensor h) -> (Tensor, Tensor)");
   m.def("gaussian_log_prob_fwd(Tensor z) -> Tensor");
   m.def("gaussian_log_prob_bwd(Tensor grad_log_prob, Tensor z) -> Tensor");
   m.def("lu_weight_fwd(Tensor perm, Tensor lower, Tensor upper, Tensor sign_s, Tensor log_s) -> (Tensor, Tensor)");
@@ -732,9 +734,9 @@ TORCH_LIBRARY(flowkern_C, m) {
   m.impl("actnorm_fwd", &actnorm_fwd);                           \
   m.impl("actnorm_inv", &actnorm_inv);                           \
   m.impl("actnorm_bwd", &actnorm_bwd);                           \
-  m.impl("coupling_fwd", &coupling_fwd);                         \
-  m.impl("coupling_inv", &coupling_inv);                         \
-  m.impl("coupling_bwd", &coupling_bwd);                         \
+  m.impl("coupling_epilogue_fwd", &coupling_epilogue_fwd);       \
+  m.impl("coupling_epilogue_inv", &coupling_epilogue_inv);       \
+  m.impl("coupling_epilogue_bwd", &coupling_epilogue_bwd);       \
   m.impl("gaussian_log_prob_fwd", &gaussian_log_prob_fwd);       \
   m.impl("gaussian_log_prob_bwd", &gaussian_log_prob_bwd);       \
   m.impl("lu_weight_fwd", &lu_weight_fwd);                       \

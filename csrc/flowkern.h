@@ -66,13 +66,14 @@ void actnorm_bwd(const void* dy, const void* dlog_det, const void* x, DType dtyp
 // ---- Coupling epilogue on x2 [B, C2, P] given the subnet output h (h dtype may differ from x2's) ----
 // additive: z2 = x2 + h (h [B, C2, P]); affine: h [B, 2 C2, P], channel 2c the shift, 2c+1 the raw scale,
 // z2 = (x2 + shift) sigmoid(raw + 2), log_det[b] = sum log sigmoid(raw + 2) (0 for additive).
-void coupling_fwd(const void* x2, DType dtype, const void* h, DType h_dtype, int64_t batch, int64_t channels,
-                  int64_t pixels, bool affine, void* z2, void* log_det, const ParallelFor& par);
-void coupling_inv(const void* z2, DType dtype, const void* h, DType h_dtype, int64_t batch, int64_t channels,
-                  int64_t pixels, bool affine, void* x2, const ParallelFor& par);
+void coupling_epilogue_fwd(const void* x2, DType dtype, const void* h, DType h_dtype, int64_t batch, int64_t channels,
+                           int64_t pixels, bool affine, void* z2, void* log_det, const ParallelFor& par);
+void coupling_epilogue_inv(const void* z2, DType dtype, const void* h, DType h_dtype, int64_t batch, int64_t channels,
+                           int64_t pixels, bool affine, void* x2, const ParallelFor& par);
 // Affine only (the additive backward is the identity): dx2 [B, C2, P] in dtype, dh [B, 2 C2, P] in h_dtype.
-void coupling_bwd(const void* dz2, const void* dlog_det, const void* x2, DType dtype, const void* h, DType h_dtype,
-                  int64_t batch, int64_t channels, int64_t pixels, void* dx2, void* dh, const ParallelFor& par);
+void coupling_epilogue_bwd(const void* dz2, const void* dlog_det, const void* x2, DType dtype, const void* h,
+                           DType h_dtype, int64_t batch, int64_t channels, int64_t pixels, void* dx2, void* dh,
+                           const ParallelFor& par);
 
 // ---- N(0, I) prior: log_prob[b] = -0.5 sum_n (z^2 + log 2 pi); dz = -z dlog_prob[b] ----
 void gaussian_log_prob_fwd(const void* z, DType dtype, int64_t batch, int64_t numel, void* log_prob,
@@ -141,12 +142,13 @@ void actnorm_bwd(const void* dy, const void* dlog_det, const void* x, DType dtyp
                  int64_t batch, int64_t channels, int64_t pixels, double logscale_factor, void* dx, void* dbias,
                  void* dlogs, void* workspace, Stream stream);
 
-void coupling_fwd(const void* x2, DType dtype, const void* h, DType h_dtype, int64_t batch, int64_t channels,
-                  int64_t pixels, bool affine, void* z2, void* log_det, Stream stream);
-void coupling_inv(const void* z2, DType dtype, const void* h, DType h_dtype, int64_t batch, int64_t channels,
-                  int64_t pixels, bool affine, void* x2, Stream stream);
-void coupling_bwd(const void* dz2, const void* dlog_det, const void* x2, DType dtype, const void* h, DType h_dtype,
-                  int64_t batch, int64_t channels, int64_t pixels, void* dx2, void* dh, Stream stream);
+void coupling_epilogue_fwd(const void* x2, DType dtype, const void* h, DType h_dtype, int64_t batch, int64_t channels,
+                           int64_t pixels, bool affine, void* z2, void* log_det, Stream stream);
+void coupling_epilogue_inv(const void* z2, DType dtype, const void* h, DType h_dtype, int64_t batch, int64_t channels,
+                           int64_t pixels, bool affine, void* x2, Stream stream);
+void coupling_epilogue_bwd(const void* dz2, const void* dlog_det, const void* x2, DType dtype, const void* h,
+                           DType h_dtype, int64_t batch, int64_t channels, int64_t pixels, void* dx2, void* dh,
+                           Stream stream);
 
 void gaussian_log_prob_fwd(const void* z, DType dtype, int64_t batch, int64_t numel, void* log_prob, Stream stream);
 void gaussian_log_prob_bwd(const void* dlog_prob, const void* z, DType dtype, int64_t batch, int64_t numel, void* dz,

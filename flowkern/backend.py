@@ -28,7 +28,8 @@ _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
 # Ops for which "auto" passes over a backend that is measured no faster than the next one on that device
 # (bench/cpu_compare.py on the 2-core CI machine: the standalone coupling epilogue and the BERT-flow MLP coupling
 # were no faster than eager torch in two of three runs; inside the whole-Glow kernel they are fused).
-_AUTO_SKIP = {("cpu", "cpp"): frozenset({"coupling", "coupling_inverse", "mlp_coupling", "mlp_coupling_inverse"})}
+_AUTO_SKIP = {("cpu", "cpp"): frozenset({"coupling_epilogue", "coupling_epilogue_inverse",
+                                         "mlp_coupling", "mlp_coupling_inverse"})}
 
 # The user's process-wide choice is a plain module global, not a ContextVar: torch.compile (dynamo) traces a
 # global read and guards on its value, so a compiled model recompiles when the backend changes, while a
@@ -171,7 +172,7 @@ def compiled_ops():
 
 
 def kernels(name: str, family: str):
-    """The module holding backend `name`'s launchers for an op family ("actnorm", "coupling", "invconv", ...).
+    """The module holding backend `name`'s launchers for an op family ("actnorm", "coupling_epilogue", "invconv", ...).
 
     Launchers carry one name per concept across backends: <op>_fwd, <op>_bwd, <op>_inv.
     """

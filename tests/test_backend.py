@@ -51,6 +51,6 @@ def test_auto_prefers_the_compiled_cpu_kernels_where_measured_faster():
     x = torch.zeros(2, 4)
     assert backend.resolve(x, "actnorm") == "cpp"
     assert backend.resolve(x, "glow", ("torch", "triton", "cpp")) == "cpp"
-    assert backend.resolve(x, "coupling") == "torch"          # measured no faster standalone
+    assert backend.resolve(x, "coupling_epilogue") == "torch"          # measured no faster standalone
     with flowkern.use_backend("cpp"):                         # an explicit choice is honoured
-        assert backend.resolve(x, "coupling") == "cpp"
+        assert backend.resolve(x, "coupling_epilogue") == "cpp"

@@ -41,7 +41,7 @@ def test_extension_loads_where_required():
 
 
 def test_cuda_sources_exist():
-    assert {p.stem for p in CUDA_SOURCES} >= {"actnorm", "coupling", "prior", "invconv", "mlp_coupling"}
+    assert {p.stem for p in CUDA_SOURCES} >= {"actnorm", "coupling_epilogue", "prior", "invconv", "mlp_coupling"}
 
 
 def _nvcc_job(source: Path):
@@ -93,8 +93,8 @@ def test_compiled_ops_name_bad_input():
         ops.actnorm_fwd(torch.randn(4, 6, 2), c, c, 3.0)
     with pytest.raises(ValueError, match="empty batch"):
         ops.actnorm_fwd(torch.randn(0, 6), c, c, 3.0)
-    with pytest.raises(ValueError, match="coupling_fwd: h must have 2 x the channels of x2"):
-        ops.coupling_fwd(torch.randn(4, 3), torch.randn(4, 3), True)
+    with pytest.raises(ValueError, match="coupling_epilogue_fwd: h must have 2 x the channels of x2"):
+        ops.coupling_epilogue_fwd(torch.randn(4, 3), torch.randn(4, 3), True)
     with pytest.raises(ValueError, match="hidden width must be in"):
         w = [torch.randn(65, 3), torch.randn(65), torch.randn(65), torch.randn(65, 65), torch.randn(65),
              torch.randn(65), torch.randn(3, 65), torch.randn(3), torch.randn(3)]

@@ -153,7 +153,8 @@ def test_jsonl_report_survives_a_kill(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.pop("FLOWKERN_ENCODER", None)
     process = subprocess.Popen([sys.executable, "-m", "flowkern", "bench", "--smoke", "--suite", "ops",
-                                "--no-compile", "--only", "^(actnorm|coupling_additive)$", "--jsonl", str(rows)],
+                                "--no-compile", "--only", "^(actnorm|coupling_epilogue_additive)$",
+                                "--jsonl", str(rows)],
                                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         for _ in range(600):   # until the first case's rows and Markdown are written

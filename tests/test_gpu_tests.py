@@ -52,7 +52,7 @@ def test_every_gpu_test_runs_a_backend_that_takes_cuda_tensors():
     assert cuda_incapable(items) == []
     # The collection is real: the op families' and the fused Glow's GPU tests are all there, on both CUDA backends.
     nodes = [node for node, _ in items]
-    for family in ("actnorm", "coupling", "invconv", "prior", "mlp_coupling", "glow"):
+    for family in ("actnorm", "coupling_epilogue", "invconv", "prior", "mlp_coupling", "glow"):
         assert any(node.startswith(f"tests/ops/test_{family}.py::") for node in nodes), family
     assert any(node.startswith("tests/nn/test_train_step.py::") for node in nodes)
     assert {name for _, name in items if name is not None} == {"triton", "cuda"}

@@ -3,7 +3,7 @@
 // against central differences of the naive forward (which checks the naive backwards' formulas); bitwise equal
 // results for different ParallelFor splits (the stand-in for thread counts); the error paths.
 // Build (from the repository root; CMake builds it as a test target):
-//   g++ -std=c++17 -O2 -I csrc csrc/tests/test_cpu_kernels.cpp csrc/cpu/{actnorm,coupling,prior,invconv,
+//   g++ -std=c++17 -O2 -I csrc csrc/tests/test_cpu_kernels.cpp csrc/cpu/{actnorm,coupling_epilogue,prior,invconv,
 //       mlp_coupling}.cpp -o test_cpu_kernels && ./test_cpu_kernels
 #include <algorithm>
 #include <cmath>
@@ -240,7 +240,7 @@ void test_actnorm(int64_t B, int64_t C, int64_t P) {
 }
 
 // ---- Coupling epilogue ----
-struct CouplingRef {
+struct CouplingEpilogueRef {
   int64_t B, C, P;
   bool affine;
   // Shift and raw scale (+2) of column n = c P + p of row b.
@@ -288,14 +288,14 @@ struct CouplingRef {
 };
 
 template <typename T, typename H>
-void test_coupling(int64_t B, int64_t C, int64_t P, bool affine) {
+void test_coupling_epilogue(int64_t B, int64_t C, int64_t P, bool affine) {
   using A = acc_t<T>;
-  const std::string name = std::string("coupling ") + (affine ? "affine " : "additive ") + Name<T>::value + "/h " +
-                           Name<H>::value + " B=" + std::to_string(B) + " C=" + std::to_string(C) + " P=" +
+  const std::string name = std::string("coupling_epilogue ") + (affine ? "affine " : "additive ") + Name<T>::value +
+                           "/h " + Name<H>::value + " B=" + std::to_string(B) + " C=" + std::to_string(C) + " P=" +
                            std::to_string(P);
   const DType dt = Name<T>::dtype, ht = Name<H>::dtype;
   const int64_t n = B * C * P, hn = (affine ? 2 : 1) * n;
-  const CouplingRef ref{B, C, P, affine};
+  const CouplingEpilogueRef ref{B, C, P, affine};
   Stored<T> x(randn(n)), dz(randn(n));
   Stored<H> h(randn(hn));
   Stored<A> dld(randn(B));
@@ -303,11 +303,12 @@ void test_coupling(int64_t B, int64_t C, int64_t P, bool affine) {
     Stored<T> z(n), xi(n), dx(n);
     Stored<H> dh(hn);
     Stored<A> log_det(B);
-    cpu::coupling_fwd(x.data.data(), dt, h.data.data(), ht, B, C, P, affine, z.data.data(), log_det.data.data(), par);
-    cpu::coupling_inv(x.data.data(), dt, h.data.data(), ht, B, C, P, affine, xi.data.data(), par);
+    cpu::coupling_epilogue_fwd(x.data.data(), dt, h.data.data(), ht, B, C, P, affine, z.data.data(),
+                               log_det.data.data(), par);
+    cpu::coupling_epilogue_inv(x.data.data(), dt, h.data.data(), ht, B, C, P, affine, xi.data.data(), par);
     if (affine)
-      cpu::coupling_bwd(dz.data.data(), dld.data.data(), x.data.data(), dt, h.data.data(), ht, B, C, P,
-                        dx.data.data(), dh.data.data(), par);
+      cpu::coupling_epilogue_bwd(dz.data.data(), dld.data.data(), x.data.data(), dt, h.data.data(), ht, B, C, P,
+                                 dx.data.data(), dh.data.data(), par);
     return std::vector<Vec>{z.read(), log_det.read(), xi.read(), dx.read(), dh.read()};
   };
   const std::vector<Vec> got = run(serial());
@@ -650,8 +651,8 @@ void test_errors() {
   const auto par = serial();
   float x[4] = {}, y[4] = {}, ld[1] = {}, p[2] = {};
   expect_throws([&] { cpu::actnorm_fwd(x, DType(7), p, p, 1, 2, 2, 3.0, y, ld, par); }, "actnorm_fwd rejects dtype 7");
-  expect_throws([&] { cpu::coupling_fwd(x, DType::f32, x, DType(9), 1, 2, 1, false, y, ld, par); },
-                "coupling_fwd rejects h dtype 9");
+  expect_throws([&] { cpu::coupling_epilogue_fwd(x, DType::f32, x, DType(9), 1, 2, 1, false, y, ld, par); },
+                "coupling_epilogue_fwd rejects h dtype 9");
   int64_t perm[2] = {0, 1};
   expect_throws([&] { cpu::lu_weight_fwd(perm, x, x, p, p, DType::bf16, 2, y, ld, par); },
                 "lu_weight_fwd rejects bf16 parameters");
@@ -702,11 +703,11 @@ int main() {
   }
   for (const bool affine : {false, true})
     for (const auto& s : {std::vector<int64_t>{5, 3, 7}, {9, 11, 1}}) {
-      test_coupling<double, double>(s[0], s[1], s[2], affine);
-      test_coupling<float, float>(s[0], s[1], s[2], affine);
-      test_coupling<BFloat16, float>(s[0], s[1], s[2], affine);
-      test_coupling<float, BFloat16>(s[0], s[1], s[2], affine);
-      test_coupling<Half, Half>(s[0], s[1], s[2], affine);
+      test_coupling_epilogue<double, double>(s[0], s[1], s[2], affine);
+      test_coupling_epilogue<float, float>(s[0], s[1], s[2], affine);
+      test_coupling_epilogue<BFloat16, float>(s[0], s[1], s[2], affine);
+      test_coupling_epilogue<float, BFloat16>(s[0], s[1], s[2], affine);
+      test_coupling_epilogue<Half, Half>(s[0], s[1], s[2], affine);
     }
   for (const auto& s : {std::vector<int64_t>{5, 37}, {3, 8}, {4, 1}}) {
     test_prior<double>(s[0], s[1]);

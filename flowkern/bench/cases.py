@@ -102,7 +102,7 @@ def _actnorm_args(shape, dtype, device):
     return (torch.randn(shape, device=device, dtype=dtype), 0.5 * torch.randn(shape[1], device=device),
             0.1 * torch.randn(shape[1], device=device))
 
-def _coupling_args(affine: bool):
+def _coupling_epilogue_args(affine: bool):
     def make(shape, dtype, device):
         h_shape = (shape[0], shape[1] * (2 if affine else 1)) + tuple(shape[2:])
         return torch.randn(shape, device=device, dtype=dtype), torch.randn(h_shape, device=device, dtype=dtype)
@@ -124,8 +124,10 @@ def op_cases(shapes, dtypes, device, compiler: Compiler) -> list[Case]:
     # or written. The additive backward is free (the gradients are the upstream gradient itself).
     families = [
         ("actnorm", lambda x, b, s: ops.actnorm(x, b, s, 3.0), _actnorm_args, 2, 5),
-        ("coupling_additive", lambda x2, h: ops.coupling(x2, h, False), _coupling_args(False), 3, 3),
-        ("coupling_affine", lambda x2, h: ops.coupling(x2, h, True), _coupling_args(True), 4, 11),
+        ("coupling_epilogue_additive", lambda x2, h: ops.coupling_epilogue(x2, h, False),
+         _coupling_epilogue_args(False), 3, 3),
+        ("coupling_epilogue_affine", lambda x2, h: ops.coupling_epilogue(x2, h, True),
+         _coupling_epilogue_args(True), 4, 11),
         ("gaussian_log_prob", ops.gaussian_log_prob, _prior_args, 1, 3),
     ]
     if hasattr(ops, "invconv"):   # another engineer's op family: timed through its public entry point only

@@ -118,7 +118,8 @@ def markdown(report: dict) -> str:
 
 def _target_lines(report: dict) -> list[str]:
     rows = [r for r in report["results"] if r["status"] == "ok" and r["family"] == "op" and "share_of_copy" in r
-            and r["case"] in ("actnorm", "coupling_additive", "coupling_affine") and r["shape"][0] >= 65536
+            and r["case"] in ("actnorm", "coupling_epilogue_additive", "coupling_epilogue_affine")
+            and r["shape"][0] >= 65536
             and r["variant"] not in ("torch", COMPILED)]
     if not rows:
         return []

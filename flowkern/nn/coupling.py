@@ -61,7 +61,7 @@ class _Coupling(FlowLayer):
         x1, x2 = ops.split_channels(x)
         params = self._fused_subnet_params(x)
         if params is None:
-            z2, log_det = ops.coupling(x2, self._conditioner(x1, x2), self.affine)
+            z2, log_det = ops.coupling_epilogue(x2, self._conditioner(x1, x2), self.affine)
         else:
             z2, log_det = ops.mlp_coupling(x1, x2, params, self.affine, LOGSCALE_FACTOR)
         return torch.cat([x1, z2], dim=1), log_det
@@ -71,7 +71,7 @@ class _Coupling(FlowLayer):
         with suspend_ddi():
             params = self._fused_subnet_params(y)
             if params is None:
-                x2 = ops.coupling_inverse(z2, self._conditioner(y1, z2), self.affine)
+                x2 = ops.coupling_epilogue_inverse(z2, self._conditioner(y1, z2), self.affine)
             else:
                 x2 = ops.mlp_coupling_inverse(y1, z2, params, self.affine, LOGSCALE_FACTOR)
         return torch.cat([y1, x2], dim=1)

@@ -1,10 +1,10 @@
-"""The BERT-flow coupling with its built-in MLP subnet as one op: z2 = coupling(x2, MLP(x1)) on [B, C] data.
+"""The BERT-flow coupling with its built-in MLP subnet as one op: z2 = coupling_epilogue(x2, MLP(x1)) on [B, C] data.
 
 MLP (flowkern.nn.subnets.MLPSubnet; f = logscale_factor):
     h1 = relu(actnorm(x1 @ w1^T; b1, l1)),  h2 = relu(actnorm(h1 @ w2^T; b2, l2)),
     h  = (h2 @ w3^T + b3) * exp(f * l3)                                           (ZeroLinear)
-then the additive or affine epilogue of flowkern.ops.coupling_ops. Kernel backends run the whole thing in one kernel
-forward and one backward, keeping the hidden activations on chip (flowkern/kernels/triton/mlp_coupling.py).
+then the additive or affine epilogue of flowkern.ops.coupling_epilogue_ops. Kernel backends run the whole thing in one
+kernel forward and one backward, keeping the hidden activations on chip (flowkern/kernels/triton/mlp_coupling.py).
 The references are the composition of the existing reference pieces, computing the subnet in the parameters'
 dtype as MLPSubnet does.
 """
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .. import backend
 from .actnorm_ops import actnorm_ref
-from .coupling_ops import coupling_inverse_ref, coupling_ref
+from .coupling_epilogue_ops import coupling_epilogue_inverse_ref, coupling_epilogue_ref
 from .spec import BACKENDS, MlpParams, OpSpec, like, per_row
 
 # Kernels keep a [rows, hidden] tile of each hidden layer in registers; wider subnets use the unfused path.
@@ -30,11 +30,11 @@ def mlp_subnet_ref(x1, mlp: MlpParams, logscale_factor):
 
 
 def mlp_coupling_ref(x1, x2, mlp: MlpParams, affine: bool, logscale_factor: float):
-    return coupling_ref(x2, mlp_subnet_ref(x1, mlp, logscale_factor), affine)
+    return coupling_epilogue_ref(x2, mlp_subnet_ref(x1, mlp, logscale_factor), affine)
 
 
 def mlp_coupling_inverse_ref(x1, z2, mlp: MlpParams, affine: bool, logscale_factor: float):
-    return coupling_inverse_ref(z2, mlp_subnet_ref(x1, mlp, logscale_factor), affine)
+    return coupling_epilogue_inverse_ref(z2, mlp_subnet_ref(x1, mlp, logscale_factor), affine)
 
 
 # ---- custom ops: forward and inverse, each with its backward ----
@@ -84,12 +84,12 @@ def _check_fusable(x1, other, mlp: MlpParams, affine: bool, where: str) -> MlpPa
                          f"expected {expected}")
     if hidden > MAX_FUSED_HIDDEN:
         raise ValueError(f"{where}: kernel backends fuse MLP subnets of hidden width <= {MAX_FUSED_HIDDEN}, "
-                         f"got {hidden}; use the unfused ops (coupling after the subnet)")
+                         f"got {hidden}; use the unfused ops (coupling_epilogue after the subnet)")
     return mlp
 
 
 def mlp_coupling(x1: torch.Tensor, x2: torch.Tensor, mlp: MlpParams, affine: bool, logscale_factor: float = 3.0):
-    """(z2, log_det[B]) = coupling(x2, MLP(x1), affine) for [B, C1] x1 and [B, C2] x2.
+    """(z2, log_det[B]) = coupling_epilogue(x2, MLP(x1), affine) for [B, C1] x1 and [B, C2] x2.
 
     mlp: the subnet's MlpParams, O = C2 (additive) or 2*C2 (affine) outputs; every scale is exp(logscale_factor * l).
     The returned z2 excludes x1: the coupling's output is cat([x1, z2]).

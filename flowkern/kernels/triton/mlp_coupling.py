@@ -4,7 +4,7 @@ Subnet (flowkern.nn.subnets.MLPSubnet; f = logscale_factor, s_i = exp(f * logs_i
     pre1 = (x1 @ W1^T + b1) * s1,  h1 = relu(pre1)          W1 [H, C1]
     pre2 = (h1 @ W2^T + b2) * s2,  h2 = relu(pre2)          W2 [H, H]
     o    = (h2 @ W3^T + b3) * s3                            W3 [O, H], O = C2 (additive) or 2 * C2 (affine)
-Epilogue (flowkern.ops.coupling_ops): additive z2 = x2 + o; affine shift = o[:, 0::2], raw = o[:, 1::2] + 2,
+Epilogue (flowkern.ops.coupling_epilogue_ops): additive z2 = x2 + o; affine shift = o[:, 0::2], raw = o[:, 1::2] + 2,
 z2 = (x2 + shift) * sigmoid(raw), log_det = sum logsigmoid(raw). Inverse: x2 = z2 - o, or
 x2 = z2 * (1 + exp(-raw)) - shift (= z2 / sigmoid(raw) - shift, without a division).
 

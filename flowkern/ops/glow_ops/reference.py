@@ -6,7 +6,7 @@ import torch
 
 from ...kernels import glow_meta
 from ..._checks import compute_dtype
-from ..coupling_ops import coupling_inverse_ref, coupling_ref
+from ..coupling_epilogue_ops import coupling_epilogue_inverse_ref, coupling_epilogue_ref
 from ..mlp_coupling_ops import mlp_subnet_ref
 from ..prior_ops import gaussian_log_prob_ref
 from ..split_ops import half
@@ -41,7 +41,8 @@ def glow_ref(x, plan: GlowPlan, params, mix, log_det_const=None):
             log_det = log_det + f * an_l.to(dtype).sum()
             h = h[:, plan.perms[s].to(x.device)]
         x1, x2 = h[:, :half(h.shape[1])], h[:, half(h.shape[1]):]
-        z2, coupling_log_det = coupling_ref(x2, mlp_subnet_ref(x1, MlpParams(*(t.to(dtype) for t in mlp)), f), plan.affine)
+        z2, coupling_log_det = coupling_epilogue_ref(x2, mlp_subnet_ref(x1, MlpParams(*(t.to(dtype) for t in mlp)), f),
+                                                     plan.affine)
         h = torch.cat([x1, z2], dim=1)
         log_det = log_det + coupling_log_det
         if s % plan.depth == plan.depth - 1 and s < plan.steps - 1:
@@ -65,7 +66,8 @@ def glow_inverse_ref(z, plan: GlowPlan, params, mix):
             h = torch.cat([h, parts.pop()], dim=1)
         an_b, an_l, mlp, folded = _unpack_step(plan, params, mix, s)
         y1, z2 = h[:, :half(h.shape[1])], h[:, half(h.shape[1]):]
-        x2 = coupling_inverse_ref(z2, mlp_subnet_ref(y1, MlpParams(*(t.to(dtype) for t in mlp)), f), plan.affine)
+        x2 = coupling_epilogue_inverse_ref(z2, mlp_subnet_ref(y1, MlpParams(*(t.to(dtype) for t in mlp)), f),
+                                           plan.affine)
         h = torch.cat([y1, x2], dim=1)
         if plan.lu:
             weight, bias = folded

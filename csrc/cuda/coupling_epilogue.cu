@@ -18,9 +18,9 @@ namespace {
 // z = x + sign h over the flat data (sign +1 forward, -1 inverse); the forward also zeroes log_det (not null).
 template <typename T>
 __global__ void __launch_bounds__(kBlockThreads)
-    additive_coupling_kernel(const T* __restrict__ in, const void* __restrict__ h, DType h_dtype, int64_t total,
-                             acc_t<T> sign, bool vector, T* __restrict__ out, acc_t<T>* __restrict__ log_det,
-                             int64_t batch) {
+    additive_coupling_epilogue_kernel(const T* __restrict__ in, const void* __restrict__ h, DType h_dtype,
+                                      int64_t total, acc_t<T> sign, bool vector, T* __restrict__ out,
+                                      acc_t<T>* __restrict__ log_det, int64_t batch) {
   using A = acc_t<T>;
   constexpr int V = kVec<T>;
   const int64_t first = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -90,8 +90,9 @@ __device__ __forceinline__ void load_shift_and_raw(A (&shift)[V], A (&raw)[V], c
 // it, it caps them at 64 and spills the 8-wide fp16/bf16 vectors.)
 template <typename T, bool Forward>
 __global__ void __launch_bounds__(kMaxRowTeam, 1)
-    affine_coupling_kernel(const T* __restrict__ in, const void* __restrict__ h, int64_t batch, AffineRows rows,
-                           int team, int64_t segment, T* __restrict__ out, acc_t<T>* __restrict__ log_det) {
+    affine_coupling_epilogue_kernel(const T* __restrict__ in, const void* __restrict__ h, int64_t batch,
+                                    AffineRows rows, int team, int64_t segment, T* __restrict__ out,
+                                    acc_t<T>* __restrict__ log_det) {
   using A = acc_t<T>;
   constexpr int V = kVec<T>;
   const int64_t row = int64_t(blockIdx.x) * (blockDim.x / team) + threadIdx.x / team;
@@ -133,9 +134,10 @@ __global__ void __launch_bounds__(kMaxRowTeam, 1)
 // dh interleaved like h, in h's dtype.
 template <typename T>
 __global__ void __launch_bounds__(kMaxRowTeam, 1)
-    affine_coupling_bwd_kernel(const T* __restrict__ dz, const acc_t<T>* __restrict__ dlog_det,
-                               const T* __restrict__ x, const void* __restrict__ h, int64_t batch, AffineRows rows,
-                               int team, int64_t segment, T* __restrict__ dx, void* __restrict__ dh) {
+    affine_coupling_epilogue_bwd_kernel(const T* __restrict__ dz, const acc_t<T>* __restrict__ dlog_det,
+                                        const T* __restrict__ x, const void* __restrict__ h, int64_t batch,
+                                        AffineRows rows, int team, int64_t segment, T* __restrict__ dx,
+                                        void* __restrict__ dh) {
   using A = acc_t<T>;
   constexpr int V = kVec<T>;
   const int64_t row = int64_t(blockIdx.x) * (blockDim.x / team) + threadIdx.x / team;
@@ -248,58 +250,59 @@ void launch_coupling(bool forward, const void* in, const void* h, DType h_dtype,
                         is_aligned(h, V * dtype_size(h_dtype));
     const int64_t total = batch * columns;
     const unsigned grid = grid_for(std::max(ceil_div(total, V), forward ? batch : int64_t(0)), kBlockThreads);
-    additive_coupling_kernel<T><<<grid, kBlockThreads, 0, cu_stream>>>(
+    additive_coupling_epilogue_kernel<T><<<grid, kBlockThreads, 0, cu_stream>>>(
         static_cast<const T*>(in), h, h_dtype, total, forward ? A(1) : A(-1), vector, static_cast<T*>(out),
         static_cast<A*>(log_det), batch);
-    check_launch("additive_coupling_kernel");
+    check_launch("additive_coupling_epilogue_kernel");
     return;
   }
   const AffineRows rows{channels, pixels, columns, h_dtype,
                         affine_vector_ok<T>(channels, pixels, h_dtype, {in, out}, {h})};
   const RowTeams teams(batch, columns, V, /*split_rows=*/!forward);
   if (forward) {
-    affine_coupling_kernel<T, true><<<teams.grid, teams.block, 0, cu_stream>>>(
+    affine_coupling_epilogue_kernel<T, true><<<teams.grid, teams.block, 0, cu_stream>>>(
         static_cast<const T*>(in), h, batch, rows, teams.team, teams.segment, static_cast<T*>(out),
         static_cast<A*>(log_det));
   } else {
-    affine_coupling_kernel<T, false><<<teams.grid, teams.block, 0, cu_stream>>>(
+    affine_coupling_epilogue_kernel<T, false><<<teams.grid, teams.block, 0, cu_stream>>>(
         static_cast<const T*>(in), h, batch, rows, teams.team, teams.segment, static_cast<T*>(out), nullptr);
   }
-  check_launch("affine_coupling_kernel");
+  check_launch("affine_coupling_epilogue_kernel");
 }
 
 }  // namespace
 
-void coupling_fwd(const void* x2, DType dtype, const void* h, DType h_dtype, int64_t batch, int64_t channels,
-                  int64_t pixels, bool affine, void* z2, void* log_det, Stream stream) {
-  dispatch_dtype(h_dtype, "coupling_fwd", [](auto) {});  // rejects an unknown h dtype before any launch
-  dispatch_dtype(dtype, "coupling_fwd", [&](auto tag) {
+void coupling_epilogue_fwd(const void* x2, DType dtype, const void* h, DType h_dtype, int64_t batch, int64_t channels,
+                           int64_t pixels, bool affine, void* z2, void* log_det, Stream stream) {
+  dispatch_dtype(h_dtype, "coupling_epilogue_fwd", [](auto) {});  // rejects an unknown h dtype before any launch
+  dispatch_dtype(dtype, "coupling_epilogue_fwd", [&](auto tag) {
     launch_coupling<decltype(tag)>(true, x2, h, h_dtype, batch, channels, pixels, affine, z2, log_det, stream);
   });
 }
 
-void coupling_inv(const void* z2, DType dtype, const void* h, DType h_dtype, int64_t batch, int64_t channels,
-                  int64_t pixels, bool affine, void* x2, Stream stream) {
-  dispatch_dtype(h_dtype, "coupling_inv", [](auto) {});
-  dispatch_dtype(dtype, "coupling_inv", [&](auto tag) {
+void coupling_epilogue_inv(const void* z2, DType dtype, const void* h, DType h_dtype, int64_t batch, int64_t channels,
+                           int64_t pixels, bool affine, void* x2, Stream stream) {
+  dispatch_dtype(h_dtype, "coupling_epilogue_inv", [](auto) {});
+  dispatch_dtype(dtype, "coupling_epilogue_inv", [&](auto tag) {
     launch_coupling<decltype(tag)>(false, z2, h, h_dtype, batch, channels, pixels, affine, x2, nullptr, stream);
   });
 }
 
-void coupling_bwd(const void* dz2, const void* dlog_det, const void* x2, DType dtype, const void* h, DType h_dtype,
-                  int64_t batch, int64_t channels, int64_t pixels, void* dx2, void* dh, Stream stream) {
-  dispatch_dtype(h_dtype, "coupling_bwd", [](auto) {});
-  dispatch_dtype(dtype, "coupling_bwd", [&](auto tag) {
+void coupling_epilogue_bwd(const void* dz2, const void* dlog_det, const void* x2, DType dtype, const void* h,
+                           DType h_dtype, int64_t batch, int64_t channels, int64_t pixels, void* dx2, void* dh,
+                           Stream stream) {
+  dispatch_dtype(h_dtype, "coupling_epilogue_bwd", [](auto) {});
+  dispatch_dtype(dtype, "coupling_epilogue_bwd", [&](auto tag) {
     using T = decltype(tag);
     using A = acc_t<T>;
     const int64_t columns = channels * pixels;
     const AffineRows rows{channels, pixels, columns, h_dtype,
                           affine_vector_ok<T>(channels, pixels, h_dtype, {dz2, x2, dx2}, {h, dh})};
     const RowTeams teams(batch, columns, kVec<T>, /*split_rows=*/true);
-    affine_coupling_bwd_kernel<T><<<teams.grid, teams.block, 0, cuda_stream(stream)>>>(
+    affine_coupling_epilogue_bwd_kernel<T><<<teams.grid, teams.block, 0, cuda_stream(stream)>>>(
         static_cast<const T*>(dz2), static_cast<const A*>(dlog_det), static_cast<const T*>(x2), h, batch, rows,
         teams.team, teams.segment, static_cast<T*>(dx2), dh);
-    check_launch("affine_coupling_bwd_kernel");
+    check_launch("affine_coupling_epilogue_bwd_kernel");
   });
 }
 

@@ -6,7 +6,7 @@ import torch
 
 import flowkern
 from flowkern import ops
-from flowkern.ops.coupling_ops import coupling_inverse_ref, coupling_ref
+from flowkern.ops.coupling_epilogue_ops import coupling_epilogue_inverse_ref, coupling_epilogue_ref
 from tests.conftest import GPU_KERNEL_BACKENDS, KERNEL_BACKENDS
 from tests.ops.kernel_checks import assert_compiled_matches_float64
 from tests.ops.kernel_cases import (GPU_DTYPES, GPU_ODD_SHAPES, LAYOUTS, LOW_PRECISION, SHAPES, assert_close,
@@ -34,9 +34,9 @@ def _check_forward_backward(impl: str, x2: torch.Tensor, h: torch.Tensor, affine
                             grad_layout: str = "contiguous") -> None:
     dtype, batch = x2.dtype, x2.shape[0]
     with flowkern.use_backend(impl):
-        z2, log_det = ops.coupling(x2, h, affine)
+        z2, log_det = ops.coupling_epilogue(x2, h, affine)
     x2_64, h64 = _float64_copies(x2, h)
-    z2_64, log_det64 = coupling_ref(x2_64, h64, affine)
+    z2_64, log_det64 = coupling_epilogue_ref(x2_64, h64, affine)
     assert z2.dtype == dtype and log_det.dtype == grad_dtype(dtype)
     assert_close(z2, z2_64, dtype)
     assert_close(log_det, log_det64, grad_dtype(dtype), terms=x2[0].numel())
@@ -65,9 +65,9 @@ def test_inverse_matches_reference(impl, kind, shape, layout, dtype):
     affine = KINDS[kind]
     z2, h = _inputs(shape, affine, dtype, layout, device_for(impl))
     with flowkern.use_backend(impl):
-        x2 = ops.coupling_inverse(z2, h, affine)
+        x2 = ops.coupling_epilogue_inverse(z2, h, affine)
     z2_64, h64 = _float64_copies(z2, h)
-    x2_64 = coupling_inverse_ref(z2_64, h64, affine)
+    x2_64 = coupling_epilogue_inverse_ref(z2_64, h64, affine)
     assert x2.dtype == dtype
     assert_close(x2, x2_64, dtype)
 
@@ -100,10 +100,10 @@ def test_broadcast_upstream_gradients(impl, shape):
     """loss = z2.sum() + log_det.sum() hands the backward stride-0 (expanded) gradients."""
     x2, h = _inputs(shape, True, torch.float32, "contiguous", device_for(impl))
     with flowkern.use_backend(impl):
-        z2, log_det = ops.coupling(x2, h, True)
+        z2, log_det = ops.coupling_epilogue(x2, h, True)
     grads = torch.autograd.grad(z2.sum() + log_det.sum(), [x2, h])
     x2_64, h64 = _float64_copies(x2, h)
-    z2_64, log_det64 = coupling_ref(x2_64, h64, True)
+    z2_64, log_det64 = coupling_epilogue_ref(x2_64, h64, True)
     grads64 = torch.autograd.grad(z2_64.sum() + log_det64.sum(), [x2_64, h64])
     for grad, grad64 in zip(grads, grads64):
         assert_close(grad, grad64, torch.float32)
@@ -115,8 +115,8 @@ def test_extreme_scales_stay_finite(impl):
     device = device_for(impl)
     x2, h = make((4, 6), device=device), make((4, 12), scale=60.0, device=device)
     with flowkern.use_backend(impl):
-        z2, log_det = ops.coupling(x2, h, True)
-    z2_64, log_det64 = coupling_ref(x2.double(), h.double(), True)
+        z2, log_det = ops.coupling_epilogue(x2, h, True)
+    z2_64, log_det64 = coupling_epilogue_ref(x2.double(), h.double(), True)
     assert torch.isfinite(log_det).all()
     assert_close(z2, z2_64, torch.float32)
     assert_close(log_det, log_det64, torch.float32, terms=6)
@@ -129,11 +129,11 @@ def test_float64_gradcheck(impl, kind, shape):
 
     def forward(x2, h):
         with flowkern.use_backend(impl):
-            return ops.coupling(x2, h, affine)
+            return ops.coupling_epilogue(x2, h, affine)
 
     def inverse(z2, h):
         with flowkern.use_backend(impl):
-            return ops.coupling_inverse(z2, h, affine)
+            return ops.coupling_epilogue_inverse(z2, h, affine)
 
     assert torch.autograd.gradcheck(forward, (x2, h))
     assert torch.autograd.gradcheck(inverse, (x2, h))
@@ -145,10 +145,10 @@ def test_opcheck(impl):
     for shape, layout in [((5, 6), "contiguous"), ((5, 6), "strided"), ((2, 6, 3, 5), "contiguous")]:
         for affine in (False, True):
             x2, h = _inputs(shape, affine, torch.float32, layout, device)
-            torch.library.opcheck(torch.ops.flowkern.coupling_fwd.default, (x2, h, affine, impl))
-            torch.library.opcheck(torch.ops.flowkern.coupling_inv.default, (x2, h, affine, impl))
+            torch.library.opcheck(torch.ops.flowkern.coupling_epilogue_fwd.default, (x2, h, affine, impl))
+            torch.library.opcheck(torch.ops.flowkern.coupling_epilogue_inv.default, (x2, h, affine, impl))
         grad_z2, grad_log_det = make(shape, device=device), torch.randn(shape[0], device=device)
-        torch.library.opcheck(torch.ops.flowkern.coupling_bwd.default,
+        torch.library.opcheck(torch.ops.flowkern.coupling_epilogue_bwd.default,
                               (grad_z2, grad_log_det, x2.detach(), h.detach(), impl))
 
 
@@ -158,15 +158,15 @@ def test_custom_ops_compile_without_graph_breaks(impl):
     x2, h = _inputs((6, 10), True, torch.float32, "sliced", device)
 
     def loss(x2, h):
-        z2, log_det = torch.ops.flowkern.coupling_fwd(x2, h, True, impl)
-        additive, _ = torch.ops.flowkern.coupling_fwd(x2, h[:, :10], False, impl)
-        back = torch.ops.flowkern.coupling_inv(z2, h, True, impl)
+        z2, log_det = torch.ops.flowkern.coupling_epilogue_fwd(x2, h, True, impl)
+        additive, _ = torch.ops.flowkern.coupling_epilogue_fwd(x2, h[:, :10], False, impl)
+        back = torch.ops.flowkern.coupling_epilogue_inv(z2, h, True, impl)
         return (z2 * z2).sum() - log_det.sum() + additive.sum() + back.sum()
 
     def reference(x2, h):
-        z2, log_det = coupling_ref(x2, h, True)
-        additive, _ = coupling_ref(x2, h[:, :10], False)
-        return (z2 * z2).sum() - log_det.sum() + additive.sum() + coupling_inverse_ref(z2, h, True).sum()
+        z2, log_det = coupling_epilogue_ref(x2, h, True)
+        additive, _ = coupling_epilogue_ref(x2, h[:, :10], False)
+        return (z2 * z2).sum() - log_det.sum() + additive.sum() + coupling_epilogue_inverse_ref(z2, h, True).sum()
 
     assert_compiled_matches_float64(loss, reference, [x2, h], terms=4 * x2.numel())
 
@@ -192,5 +192,5 @@ def test_gpu_real_sizes(impl, kind, shape, dtype):
     x2, h = _inputs(shape, affine, dtype, "sliced", "cuda")
     _check_forward_backward(impl, x2, h, affine)
     with flowkern.use_backend(impl):
-        x2_back = ops.coupling_inverse(x2.detach(), h.detach(), affine)
-    assert_close(x2_back, coupling_inverse_ref(x2.detach().double(), h.detach().double(), affine), dtype)
+        x2_back = ops.coupling_epilogue_inverse(x2.detach(), h.detach(), affine)
+    assert_close(x2_back, coupling_epilogue_inverse_ref(x2.detach().double(), h.detach().double(), affine), dtype)

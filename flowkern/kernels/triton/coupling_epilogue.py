@@ -53,12 +53,12 @@ def _sigmoid_parts(raw):
 
 
 @triton.jit
-def _coupling_apply_kernel(x_ptr, h_ptr, out_ptr, log_det_partial_ptr,
-                           B, C, P, x_stride_b, x_stride_c, x_stride_p, h_stride_b, h_stride_c, h_stride_p,
-                           columns_per_split,
-                           AFFINE: tl.constexpr, INVERSE: tl.constexpr, X_INNER_CONTIGUOUS: tl.constexpr,
-                           H_INNER_CONTIGUOUS: tl.constexpr, H_INTERLEAVED: tl.constexpr, COMPUTE: tl.constexpr,
-                           BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+def _coupling_epilogue_kernel(x_ptr, h_ptr, out_ptr, log_det_partial_ptr,
+                              B, C, P, x_stride_b, x_stride_c, x_stride_p, h_stride_b, h_stride_c, h_stride_p,
+                              columns_per_split,
+                              AFFINE: tl.constexpr, INVERSE: tl.constexpr, X_INNER_CONTIGUOUS: tl.constexpr,
+                              H_INNER_CONTIGUOUS: tl.constexpr, H_INTERLEAVED: tl.constexpr, COMPUTE: tl.constexpr,
+                              BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
     """Forward (x = x2, out = z2, and for affine log_det_partial[split, row]) or inverse (x = z2, out = x2) over
     the columns [split * columns_per_split, (split + 1) * columns_per_split) of a block of rows."""
     pid_b = tl.program_id(0)
@@ -92,12 +92,12 @@ def _coupling_apply_kernel(x_ptr, h_ptr, out_ptr, log_det_partial_ptr,
 
 
 @triton.jit
-def _affine_coupling_bwd_kernel(dz_ptr, dld_ptr, x_ptr, h_ptr, dx_ptr, dh_ptr,
-                                B, C, P, dz_stride_b, dz_stride_c, dz_stride_p, dld_stride,
-                                x_stride_b, x_stride_c, x_stride_p, h_stride_b, h_stride_c, h_stride_p,
-                                DZ_INNER_CONTIGUOUS: tl.constexpr, X_INNER_CONTIGUOUS: tl.constexpr,
-                                H_INTERLEAVED: tl.constexpr, DH_INTERLEAVED: tl.constexpr, COMPUTE: tl.constexpr,
-                                BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+def _affine_coupling_epilogue_bwd_kernel(dz_ptr, dld_ptr, x_ptr, h_ptr, dx_ptr, dh_ptr,
+                                         B, C, P, dz_stride_b, dz_stride_c, dz_stride_p, dld_stride,
+                                         x_stride_b, x_stride_c, x_stride_p, h_stride_b, h_stride_c, h_stride_p,
+                                         DZ_INNER_CONTIGUOUS: tl.constexpr, X_INNER_CONTIGUOUS: tl.constexpr,
+                                         H_INTERLEAVED: tl.constexpr, DH_INTERLEAVED: tl.constexpr,
+                                         COMPUTE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
     """dx2 = dz * s; dshift = dz * s; draw = (dz * (x2 + shift) * s + dlog_det) * (1 - s), s = sigmoid(raw)."""
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -150,7 +150,7 @@ def _apply(x: torch.Tensor, h: torch.Tensor, affine: bool, inverse: bool) -> tup
         splits, columns_per_split = triton.cdiv(columns, block_n), block_n
     log_det_partial = (torch.empty((splits, batch), dtype=accumulate_dtype(x.dtype), device=x.device)
                        if affine and not inverse else None)
-    _coupling_apply_kernel[(row_blocks, splits)](
+    _coupling_epilogue_kernel[(row_blocks, splits)](
         x3, h3, out, out if log_det_partial is None else log_det_partial, batch, x.shape[1], pixels,
         *strides(x3), *strides(h3), columns_per_split,
         AFFINE=affine, INVERSE=inverse, X_INNER_CONTIGUOUS=inner_contiguous(x3),
@@ -163,22 +163,22 @@ def _apply(x: torch.Tensor, h: torch.Tensor, affine: bool, inverse: bool) -> tup
     return out, log_det_partial[0] if splits == 1 else log_det_partial.sum(0)
 
 
-def coupling_fwd(x2: torch.Tensor, h: torch.Tensor, affine: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def coupling_epilogue_fwd(x2: torch.Tensor, h: torch.Tensor, affine: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(z2, log_det[B]); any strides in, z2 contiguous in x2's dtype, log_det float32 (float64 for float64 x2).
     h may have another float dtype than x2 (the subnet often runs in float32 under bf16 activations)."""
     z2, log_det = _apply(x2, h, affine, inverse=False)
     return z2, log_det
 
 
-def coupling_inv(z2: torch.Tensor, h: torch.Tensor, affine: bool) -> torch.Tensor:
+def coupling_epilogue_inv(z2: torch.Tensor, h: torch.Tensor, affine: bool) -> torch.Tensor:
     """x2 from z2 and h; any strides in, contiguous out in z2's dtype."""
     x2, _ = _apply(z2, h, affine, inverse=True)
     return x2
 
 
-def coupling_bwd(grad_z2: torch.Tensor, grad_log_det: torch.Tensor, x2: torch.Tensor,
-                 h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Affine coupling backward: (grad_x2 in x2's dtype, grad_h in h's dtype), both contiguous, in one pass.
+def coupling_epilogue_bwd(grad_z2: torch.Tensor, grad_log_det: torch.Tensor, x2: torch.Tensor,
+                          h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Affine coupling epilogue backward: (grad_x2 in x2's dtype, grad_h in h's dtype), both contiguous, in one pass.
     (The additive backward is the identity and needs no kernel.)"""
     dz3, pixels = as_rows(grad_z2)
     x3, _ = as_rows(x2)
@@ -187,7 +187,7 @@ def coupling_bwd(grad_z2: torch.Tensor, grad_log_det: torch.Tensor, x2: torch.Te
     grad_x2 = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
     grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device)
     block_b, block_n = blocks(batch, columns)
-    _affine_coupling_bwd_kernel[(triton.cdiv(batch, block_b), triton.cdiv(columns, block_n))](
+    _affine_coupling_epilogue_bwd_kernel[(triton.cdiv(batch, block_b), triton.cdiv(columns, block_n))](
         dz3, grad_log_det, x3, h3, grad_x2, grad_h, batch, x2.shape[1], pixels, *strides(dz3),
         grad_log_det.stride(0), *strides(x3), *strides(h3),
         DZ_INNER_CONTIGUOUS=inner_contiguous(dz3), X_INNER_CONTIGUOUS=inner_contiguous(x3),

@@ -114,9 +114,9 @@ void dispatch_data_and_h(DType dtype, DType h_dtype, const char* op, Fn&& fn) {
 
 }  // namespace
 
-void coupling_fwd(const void* x2, DType dtype, const void* h, DType h_dtype, int64_t batch, int64_t channels,
-                  int64_t pixels, bool affine, void* z2, void* log_det, const ParallelFor& par) {
-  dispatch_data_and_h(dtype, h_dtype, "coupling_fwd", [&](auto t, auto hv) {
+void coupling_epilogue_fwd(const void* x2, DType dtype, const void* h, DType h_dtype, int64_t batch, int64_t channels,
+                           int64_t pixels, bool affine, void* z2, void* log_det, const ParallelFor& par) {
+  dispatch_data_and_h(dtype, h_dtype, "coupling_epilogue_fwd", [&](auto t, auto hv) {
     using T = decltype(t);
     using H = decltype(hv);
     forward(static_cast<const T*>(x2), static_cast<const H*>(h), batch, channels, pixels, affine,
@@ -124,9 +124,9 @@ void coupling_fwd(const void* x2, DType dtype, const void* h, DType h_dtype, int
   });
 }
 
-void coupling_inv(const void* z2, DType dtype, const void* h, DType h_dtype, int64_t batch, int64_t channels,
-                  int64_t pixels, bool affine, void* x2, const ParallelFor& par) {
-  dispatch_data_and_h(dtype, h_dtype, "coupling_inv", [&](auto t, auto hv) {
+void coupling_epilogue_inv(const void* z2, DType dtype, const void* h, DType h_dtype, int64_t batch, int64_t channels,
+                           int64_t pixels, bool affine, void* x2, const ParallelFor& par) {
+  dispatch_data_and_h(dtype, h_dtype, "coupling_epilogue_inv", [&](auto t, auto hv) {
     using T = decltype(t);
     using H = decltype(hv);
     inverse(static_cast<const T*>(z2), static_cast<const H*>(h), batch, channels, pixels, affine,
@@ -134,9 +134,10 @@ void coupling_inv(const void* z2, DType dtype, const void* h, DType h_dtype, int
   });
 }
 
-void coupling_bwd(const void* dz2, const void* dlog_det, const void* x2, DType dtype, const void* h, DType h_dtype,
-                  int64_t batch, int64_t channels, int64_t pixels, void* dx2, void* dh, const ParallelFor& par) {
-  dispatch_data_and_h(dtype, h_dtype, "coupling_bwd", [&](auto t, auto hv) {
+void coupling_epilogue_bwd(const void* dz2, const void* dlog_det, const void* x2, DType dtype, const void* h,
+                           DType h_dtype, int64_t batch, int64_t channels, int64_t pixels, void* dx2, void* dh,
+                           const ParallelFor& par) {
+  dispatch_data_and_h(dtype, h_dtype, "coupling_epilogue_bwd", [&](auto t, auto hv) {
     using T = decltype(t);
     using H = decltype(hv);
     backward(static_cast<const T*>(dz2), static_cast<const acc_t<T>*>(dlog_det), static_cast<const T*>(x2),

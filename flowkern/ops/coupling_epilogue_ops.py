@@ -14,7 +14,7 @@ from .._checks import compute_dtype
 from .spec import BACKENDS, OpSpec, like, per_row
 
 
-def coupling_ref(x2, h, affine: bool):
+def coupling_epilogue_ref(x2, h, affine: bool):
     dtype = compute_dtype(x2.dtype)
     x2c, hc = x2.to(dtype), h.to(dtype)
     if not affine:
@@ -25,7 +25,7 @@ def coupling_ref(x2, h, affine: bool):
     return z2.to(x2.dtype), log_det
 
 
-def coupling_inverse_ref(z2, h, affine: bool):
+def coupling_epilogue_inverse_ref(z2, h, affine: bool):
     dtype = compute_dtype(z2.dtype)
     z2c, hc = z2.to(dtype), h.to(dtype)
     if not affine:
@@ -34,13 +34,13 @@ def coupling_inverse_ref(z2, h, affine: bool):
     return x2.to(z2.dtype)
 
 
-def _coupling_backward(args, grad_z2, grad_log_det):
+def _coupling_epilogue_backward(args, grad_z2, grad_log_det):
     if not args.affine:   # the additive backward is the identity (the kernel's backward is affine only)
         return grad_z2, grad_z2.to(args.h.dtype)
-    return COUPLING_BWD(grad_z2, grad_log_det, args.x2, args.h, impl=args.impl)
+    return COUPLING_EPILOGUE_BWD(grad_z2, grad_log_det, args.x2, args.h, impl=args.impl)
 
 
-def _coupling_inv_backward(args, grad_x2):
+def _coupling_epilogue_inv_backward(args, grad_x2):
     # The inverse is the sampling path and rarely differentiated, so its backward is plain torch ops:
     # x2 = z2 * (1 + exp(-raw)) - shift with raw = h[:, 1::2] + 2.
     z2, h = args.z2, args.h
@@ -55,30 +55,30 @@ def _coupling_inv_backward(args, grad_x2):
     return grad_z2.to(z2.dtype), grad_h.to(h.dtype)
 
 
-COUPLING_BWD = OpSpec(   # affine only
-    "coupling_bwd", "coupling",
+COUPLING_EPILOGUE_BWD = OpSpec(   # affine only
+    "coupling_epilogue_bwd", "coupling_epilogue",
     (("grad_z2", torch.Tensor), ("grad_log_det", torch.Tensor), ("x2", torch.Tensor), ("h", torch.Tensor)),
     lambda grad_z2, grad_log_det, x2, h: (like(x2), like(h)), "(Tensor, Tensor)")
-COUPLING_FWD = OpSpec(
-    "coupling_fwd", "coupling", (("x2", torch.Tensor), ("h", torch.Tensor), ("affine", bool)),
+COUPLING_EPILOGUE_FWD = OpSpec(
+    "coupling_epilogue_fwd", "coupling_epilogue", (("x2", torch.Tensor), ("h", torch.Tensor), ("affine", bool)),
     lambda x2, h, affine: (like(x2), per_row(x2)), "(Tensor, Tensor)",
-    differentiable=("x2", "h"), backward=_coupling_backward)
-COUPLING_INV = OpSpec(
-    "coupling_inv", "coupling", (("z2", torch.Tensor), ("h", torch.Tensor), ("affine", bool)),
+    differentiable=("x2", "h"), backward=_coupling_epilogue_backward)
+COUPLING_EPILOGUE_INV = OpSpec(
+    "coupling_epilogue_inv", "coupling_epilogue", (("z2", torch.Tensor), ("h", torch.Tensor), ("affine", bool)),
     lambda z2, h, affine: like(z2), "Tensor",
-    differentiable=("z2", "h"), backward=_coupling_inv_backward)
+    differentiable=("z2", "h"), backward=_coupling_epilogue_inv_backward)
 
 
-def coupling(x2: torch.Tensor, h: torch.Tensor, affine: bool):
+def coupling_epilogue(x2: torch.Tensor, h: torch.Tensor, affine: bool):
     """Returns (z2, log_det[B])."""
-    impl = backend.resolve(x2, "coupling", BACKENDS)
+    impl = backend.resolve(x2, "coupling_epilogue", BACKENDS)
     if impl == "torch":
-        return coupling_ref(x2, h, affine)
-    return COUPLING_FWD(x2, h, bool(affine), impl=impl)
+        return coupling_epilogue_ref(x2, h, affine)
+    return COUPLING_EPILOGUE_FWD(x2, h, bool(affine), impl=impl)
 
 
-def coupling_inverse(z2: torch.Tensor, h: torch.Tensor, affine: bool):
-    impl = backend.resolve(z2, "coupling_inverse", BACKENDS)
+def coupling_epilogue_inverse(z2: torch.Tensor, h: torch.Tensor, affine: bool):
+    impl = backend.resolve(z2, "coupling_epilogue_inverse", BACKENDS)
     if impl == "torch":
-        return coupling_inverse_ref(z2, h, affine)
-    return COUPLING_INV(z2, h, bool(affine), impl=impl)
+        return coupling_epilogue_inverse_ref(z2, h, affine)
+    return COUPLING_EPILOGUE_INV(z2, h, bool(affine), impl=impl)
