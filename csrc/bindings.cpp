@@ -591,8 +591,8 @@ struct Plan {
   Tensor params, mix;
 };
 
-// The plan GlowPlan built once in Python (flowkern.ops.glow_ops.GlowTables: meta, an_idx, cp_idx, z_idx, order;
-// this kernel reads the first four) and the parameter tensors, packed here into one acc-typed vector.
+// The plan GlowPlan built once in Python (flowkern.ops.glow_ops.GlowTables: meta, an_idx, z_idx, order,
+// local_order; this kernel reads all but order) and the parameter tensors, packed here into one acc-typed vector.
 Plan glow_plan(const Tensor& data, at::TensorList params, const Tensor& mix, at::TensorList tables,
                at::IntArrayRef level_steps, at::IntArrayRef level_channels, int64_t hidden, bool affine, bool lu,
                double logscale_factor, const char* op) {
@@ -600,34 +600,37 @@ Plan glow_plan(const Tensor& data, at::TensorList params, const Tensor& mix, at:
   TORCH_CHECK_VALUE(data.is_cpu(), op, ": the compiled Glow runs on CPU tensors (the Triton backend serves CUDA)");
   TORCH_CHECK_VALUE(tables.size() == 5, op, ": plan must be the 5 tables of GlowTables, got ", tables.size());
   TORCH_CHECK_VALUE(!params.empty(), op, ": params must list the parameter tensors");
-  const Tensor &meta = tables[0], &an_idx = tables[1], &cp_idx = tables[2], &z_idx = tables[3];
+  const Tensor &meta = tables[0], &an_idx = tables[1], &z_idx = tables[2], &local_order = tables[4];
   const int64_t channels = data.size(1), steps = meta.size(0);
   TORCH_CHECK_VALUE(meta.dim() == 2 && meta.size(1) == 16 && meta.scalar_type() == at::kLong, op,
                     ": meta must be int64 [steps, 16], got ", meta.scalar_type(), " ", meta.sizes());
-  for (const Tensor* t : {&an_idx, &cp_idx}) {
-    TORCH_CHECK_VALUE(t->scalar_type() == at::kInt && t->sizes() == at::IntArrayRef({steps, channels}), op,
-                      ": index tables must be int32 [steps, C] = [", steps, ", ", channels, "], got ",
-                      t->scalar_type(), " ", t->sizes());
-  }
+  TORCH_CHECK_VALUE(an_idx.scalar_type() == at::kInt && an_idx.sizes() == at::IntArrayRef({steps, channels}), op,
+                    ": an_idx must be int32 [steps, C] = [", steps, ", ", channels, "], got ", an_idx.scalar_type(),
+                    " ", an_idx.sizes());
+  TORCH_CHECK_VALUE(local_order.scalar_type() == at::kInt &&
+                        local_order.sizes() == at::IntArrayRef({2 * steps, channels}),
+                    op, ": local_order must be int32 [2 * steps, C] = [", 2 * steps, ", ", channels, "], got ",
+                    local_order.scalar_type(), " ", local_order.sizes());
   TORCH_CHECK_VALUE(z_idx.scalar_type() == at::kInt && z_idx.sizes() == at::IntArrayRef({channels}), op,
                     ": z_idx must be int32 [C], got ", z_idx.scalar_type(), " ", z_idx.sizes());
   TORCH_CHECK_VALUE(level_steps.size() == level_channels.size() &&
                         std::accumulate(level_steps.begin(), level_steps.end(), int64_t{0}) == steps,
                     op, ": level_steps ", level_steps, " must have one entry per level (", level_channels.size(),
                     ") and sum to the plan's ", steps, " steps");
-  for (const Tensor* t : {&mix, &meta, &an_idx, &cp_idx, &z_idx}) check_device(*t, data, op, "a plan tensor");
+  for (const Tensor* t : {&mix, &meta, &an_idx, &z_idx, &local_order}) check_device(*t, data, op, "a plan tensor");
   for (const Tensor& p : params) check_device(p, data, op, "a parameter");
   TORCH_CHECK_VALUE(hidden >= 1 && hidden <= flowkern::kMaxFusedHidden, op, ": hidden width must be in [1, ",
                     flowkern::kMaxFusedHidden, "], got ", hidden);
   // The view points into the caller's plan tensors (GlowPlan keeps them contiguous), which outlive the call.
-  TORCH_CHECK_VALUE(meta.is_contiguous() && an_idx.is_contiguous() && cp_idx.is_contiguous() && z_idx.is_contiguous(),
+  TORCH_CHECK_VALUE(meta.is_contiguous() && an_idx.is_contiguous() && z_idx.is_contiguous() &&
+                        local_order.is_contiguous(),
                     op, ": plan tables must be contiguous");
   std::vector<Tensor> flat;
   for (const Tensor& p : params) flat.push_back(p.reshape({-1}));
   Plan plan;
   plan.params = at::cat(flat).to(acc_type(data)).contiguous();
   plan.mix = mix.to(acc_type(data)).contiguous();
-  plan.view = {meta.data_ptr<int64_t>(), an_idx.data_ptr<int32_t>(), cp_idx.data_ptr<int32_t>(),
+  plan.view = {meta.data_ptr<int64_t>(), an_idx.data_ptr<int32_t>(), local_order.data_ptr<int32_t>(),
                z_idx.data_ptr<int32_t>(), steps, channels, hidden, affine, lu, logscale_factor};
   return plan;
 }

@@ -104,9 +104,11 @@ void mlp_coupling_bwd(Direction direction, const void* dout, const void* dlog_de
 
 // ---- The whole [B, C] Glow (flowkern.ops.glow: GlowPlan's tables, packed parameters) ----
 struct GlowPlanView {
-  const int64_t* meta;     // [steps, 16] offsets into params / mix, C1, CL (see flowkern/ops/glow_ops.py)
+  const int64_t* meta;     // [steps, 16] offsets into params / mix, C1, CL (flowkern/kernels/glow_meta.py)
   const int32_t* an_idx;   // [steps, channels]: ActNorm channel of each physical channel, -1 when factored out
-  const int32_t* cp_idx;   // [steps, channels]: coupling channel of each physical channel, -1 likewise
+  // [2 * steps, channels]: row s, the physical channels of step s in the kernel's local order (conditioning, then
+  // transformed, each ascending); row steps + s, the coupling channel of each (GlowPlan.local_order).
+  const int32_t* local_order;
   const int32_t* z_idx;    // [channels]: the column of z each physical channel ends in
   int64_t steps, channels, hidden;
   bool affine, lu;

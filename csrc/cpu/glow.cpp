@@ -2,11 +2,12 @@
 //
 // Same structure as flowkern/kernels/triton/glow.py: a tile of rows goes through every step of every level in
 // an acc-typed state buffer in *physical* channel order (channels never move; GlowPlan's tables say which
-// channel plays which role at each step). Each step's subnet works in a *local* channel order: its conditioning
-// and transformed channels in ascending physical order, the output layer as [shift (or additive term) of each
-// transformed channel | raw scale of each], with the weights permuted to match on the host. Under reverse mixing
-// (BERT-flow's) both sets are contiguous ranges of the state, so the subnet reads and the coupling writes the
-// state in place with vector loops; other permutations gather and scatter through a row buffer.
+// channel plays which role at each step). Each step's subnet works in a *local* channel order (GlowPlan's
+// local_order table, built once in Python): its conditioning and transformed channels in ascending physical
+// order, the output layer as [shift (or additive term) of each transformed channel | raw scale of each], with the
+// weights permuted to match on the host (per call: parameters are read fresh). Under reverse mixing (BERT-flow's)
+// both sets are contiguous ranges of the state, so the subnet reads and the coupling writes the state in place
+// with vector loops; other permutations gather and scatter through a row buffer.
 // Every layer of the subnet, forward and backward (dW = in^T dout over a tile), is one register-blocked GEMM
 // (cpu/dispatch.h). Parameter gradients: a fixed partition of the rows into groups (from the batch size only),
 // one partial buffer per group in the local layout, summed in group order and mapped back to the packed layout:
@@ -39,13 +40,6 @@ enum Meta : int {
   kOffW3 = 8, kOffB3 = 9, kOffL3 = 10, kOffMixW = 11, kOffMixB = 12, kC1 = 13, kCl = 14, kZOffset = 15, kCount = 16
 };
 
-// idx[0] when idx is the range idx[0], idx[0] + 1, ..., else -1.
-int64_t range_start(const std::vector<int32_t>& idx) {
-  for (size_t i = 1; i < idx.size(); ++i)
-    if (idx[i] != idx[0] + int32_t(i)) return -1;
-  return idx.empty() ? -1 : idx[0];
-}
-
 // A buffer of n values, uninitialized (state buffers are written before they are read).
 template <typename A>
 std::unique_ptr<A[]> uninitialized(int64_t n) { return std::unique_ptr<A[]>(new A[n]); }
@@ -59,20 +53,21 @@ V& reused_buffer() {
   return buffer;
 }
 
-// One step's structure and its parameters in the subnet's local order (see the file comment).
+// One step's structure (read from GlowPlan's tables, built once in Python) and its parameters in the subnet's
+// local order (see the file comment).
 template <typename A>
 struct Step {
   int64_t c1 = 0, c2 = 0, cl = 0, outputs = 0;
   int64_t hp = 0, op = 0, c1p = 0;       // hidden, output and input widths padded for the GEMM (zero weights there)
-  std::vector<int32_t> cond, trans;      // physical channels of the conditioning / transformed channels, ascending
+  // The level's physical channels in local order (local_order's row): cond = the conditioning ones [c1], then
+  // trans = the transformed ones [c2], each ascending; coupling [cl]: the coupling channel of each.
+  const int32_t *cond = nullptr, *trans = nullptr, *coupling = nullptr;
   int64_t cond_first = -1, trans_first = -1;   // their first channel when they form a contiguous range
-  std::vector<int32_t> active;           // physical channels of the level (ActNorm / mixing act on these)
   std::vector<A> dense_bias, dense_scale;  // ActNorm per physical channel, identity (0, 1) on factored-out ones
   A an_log_det = 0;                      // f * sum(ActNorm logs) (permutation flows)
   std::vector<A> w1t, w2t, w3t;          // forward: W1^T [c1, HP], W2^T [H, HP], W3^T [H, OP]
   std::vector<A> w1, w2, w3;             // backward: W1 [H, C1P], W2 [H, HP], W3 [O, HP]
   std::vector<A> b1, s1, b2, s2, b3, s3; // biases and scales exp(f l), zero-padded to HP / OP
-  std::vector<int64_t> input_source, output_source;   // packed column of W1 / row of W3 of each local one
   const int32_t* an = nullptr;           // the step's row of an_idx (ActNorm channel of each physical channel)
   const A *mix_w = nullptr, *mix_b = nullptr;   // LU: the folded W [CL, CL] and bias [CL]
   int64_t off[kCount] = {};        // offsets into the packed parameters
@@ -82,6 +77,15 @@ struct Step {
 
 template <typename A>
 void prepare_step(const GlowPlanView& plan, const A* params, const A* mix, int64_t s, Step<A>& st);
+
+// The packed row of W3 (and of b3, l3) behind local output o: the local outputs are [shift (or additive term) of
+// each transformed channel | raw scale of each] in local order, the packed rows interleave them by coupling channel.
+template <typename A>
+int64_t output_row(const Step<A>& st, int64_t o) {
+  if (st.outputs == st.c2) return st.coupling[st.c1 + o] - st.c1;
+  const int64_t k = o % st.c2;
+  return 2 * (st.coupling[st.c1 + k] - st.c1) + o / st.c2;
+}
 
 // Steps are prepared in parallel: at small batches this per-call work is a good part of the whole.
 template <typename A>
@@ -111,48 +115,45 @@ void prepare_step(const GlowPlanView& plan, const A* params, const A* mix, int64
     st.c1 = st.off[kC1];
     st.cl = st.off[kCl];
     st.c2 = st.cl - st.c1;
+    if (st.c1 < 1 || st.c2 < 1 || st.cl > C)
+      throw std::invalid_argument("glow: meta table at step " + std::to_string(s) + " gives C1 = " +
+                                  std::to_string(st.c1) + ", CL = " + std::to_string(st.cl) +
+                                  " (need 0 < C1 < CL <= " + std::to_string(C) + ")");
     st.outputs = st.c2 * (plan.affine ? 2 : 1);
-    std::vector<int32_t> cond_of(st.c1, -1), trans_of(st.c2, -1);   // physical channel of each packed index
-    const int32_t* cp = plan.cp_idx + s * C;
+    st.cond = plan.local_order + s * C;
+    st.trans = st.cond + st.c1;
+    st.coupling = plan.local_order + (plan.steps + s) * C;
     const int32_t* an = plan.an_idx + s * C;
     st.an = an;
+    // Checks only (the structure is the table's): each physical and coupling channel in range and used once,
+    // each part ascending (the kernel's layout), ActNorm channels in range; notes whether each part is one
+    // contiguous range.
+    std::vector<char> used(C + st.cl, 0);   // physical channels, then coupling channels
+    bool cond_range = true, trans_range = true;
+    for (int64_t i = 0; i < st.cl; ++i) {
+      const bool is_cond = i < st.c1;
+      const int64_t p = st.cond[i], k = st.coupling[i], first = is_cond ? 0 : st.c1, last = is_cond ? st.c1 : st.cl;
+      const int64_t previous = i == 0 || i == st.c1 ? -1 : st.cond[i - 1];
+      if (p < 0 || p >= C || p <= previous || k < first || k >= last || used[p] || used[C + k] || an[p] < 0 ||
+          an[p] >= st.cl)
+        throw std::invalid_argument("glow: local order table out of range, repeated or not ascending at step " +
+                                    std::to_string(s) + ", local channel " + std::to_string(i) + " (physical " +
+                                    std::to_string(p) + ", coupling " + std::to_string(k) + ")");
+      used[p] = used[C + k] = 1;
+      if (previous >= 0 && p != previous + 1) (is_cond ? cond_range : trans_range) = false;
+    }
+    st.cond_first = cond_range ? st.cond[0] : -1;
+    st.trans_first = trans_range ? st.trans[0] : -1;
     st.dense_bias.assign(C, A(0));
     st.dense_scale.assign(C, A(1));
-    for (int64_t p = 0; p < C; ++p) {
-      if (cp[p] < 0) continue;
-      if (cp[p] >= st.cl) throw std::invalid_argument("glow: coupling index table out of range at step " +
-                                                      std::to_string(s));
-      if (cp[p] < st.c1) {
-        cond_of[cp[p]] = int32_t(p);
-        st.cond.push_back(int32_t(p));
-        st.input_source.push_back(cp[p]);
-      } else {
-        trans_of[cp[p] - st.c1] = int32_t(p);
-        st.trans.push_back(int32_t(p));
-      }
-      st.active.push_back(int32_t(p));
-      if (!plan.lu) {
+    if (!plan.lu)
+      for (int64_t i = 0; i < st.cl; ++i) {
+        const int32_t p = st.cond[i];
         const A logs = params[st.off[kOffActnormLogs] + an[p]];
         st.dense_bias[p] = params[st.off[kOffActnormBias] + an[p]];
         st.dense_scale[p] = exp_(f * logs);
         st.an_log_det += f * logs;
       }
-    }
-    for (int32_t p : cond_of) if (p < 0) throw std::invalid_argument("glow: incomplete coupling index table");
-    for (int32_t p : trans_of) if (p < 0) throw std::invalid_argument("glow: incomplete coupling index table");
-    st.cond_first = range_start(st.cond);
-    st.trans_first = range_start(st.trans);
-    // Local output o' of the k'-th transformed channel (ascending physical order): its packed row of W3.
-    st.output_source.assign(st.outputs, 0);
-    for (int64_t k = 0; k < st.c2; ++k) {
-      const int64_t packed = cp[st.trans[k]] - st.c1;
-      if (plan.affine) {
-        st.output_source[k] = 2 * packed;
-        st.output_source[st.c2 + k] = 2 * packed + 1;
-      } else {
-        st.output_source[k] = packed;
-      }
-    }
     const A* w1 = params + st.off[kOffW1];
     const A* w2 = params + st.off[kOffW2];
     const A* w3 = params + st.off[kOffW3];
@@ -163,7 +164,7 @@ void prepare_step(const GlowPlanView& plan, const A* params, const A* mix, int64
     st.w1.assign(H * C1P, A(0));
     for (int64_t h = 0; h < H; ++h)
       for (int64_t j = 0; j < st.c1; ++j) {
-        const A v = w1[h * st.c1 + st.input_source[j]];
+        const A v = w1[h * st.c1 + st.coupling[j]];
         st.w1t[j * HP + h] = v;
         st.w1[h * C1P + j] = v;
       }
@@ -177,24 +178,24 @@ void prepare_step(const GlowPlanView& plan, const A* params, const A* mix, int64
     st.w3t.assign(H * OP, A(0));
     st.w3.assign(st.outputs * HP, A(0));
     for (int64_t o = 0; o < st.outputs; ++o)
-      for (int64_t h = 0; h < H; ++h) {
-        const A v = w3[st.output_source[o] * H + h];
+      for (int64_t h = 0, row = output_row(st, o); h < H; ++h) {
+        const A v = w3[row * H + h];
         st.w3t[h * OP + o] = v;
         st.w3[o * HP + h] = v;
       }
-    auto scaled = [&](int64_t off_b, int64_t off_l, int64_t n, int64_t padded, const int64_t* source,
+    auto scaled = [&](int64_t off_b, int64_t off_l, int64_t n, int64_t padded, bool output_rows,
                       std::vector<A>& b, std::vector<A>& sc) {
       b.assign(padded, A(0));
       sc.assign(padded, A(0));
       for (int64_t i = 0; i < n; ++i) {
-        const int64_t from = source ? source[i] : i;
+        const int64_t from = output_rows ? output_row(st, i) : i;
         b[i] = params[off_b + from];
         sc[i] = exp_(f * params[off_l + from]);
       }
     };
-    scaled(st.off[kOffB1], st.off[kOffL1], H, HP, nullptr, st.b1, st.s1);
-    scaled(st.off[kOffB2], st.off[kOffL2], H, HP, nullptr, st.b2, st.s2);
-    scaled(st.off[kOffB3], st.off[kOffL3], st.outputs, OP, st.output_source.data(), st.b3, st.s3);
+    scaled(st.off[kOffB1], st.off[kOffL1], H, HP, false, st.b1, st.s1);
+    scaled(st.off[kOffB2], st.off[kOffL2], H, HP, false, st.b2, st.s2);
+    scaled(st.off[kOffB3], st.off[kOffL3], st.outputs, OP, true, st.b3, st.s3);
     if (plan.lu) {
       st.mix_w = mix + st.off[kOffMixW];
       st.mix_b = mix + st.off[kOffMixB];
@@ -236,11 +237,12 @@ void gradient_layout(std::vector<Step<A>>& steps, int64_t H, bool lu, std::vecto
     st.g_b3 = region(st.outputs);
     st.g_l3 = region(st.outputs);
     for (int64_t h = 0; h < H; ++h) {
-      for (int64_t j = 0; j < st.c1; ++j) packed_of[st.g_w1 + h * st.c1p + j] = st.off[kOffW1] + h * st.c1 + st.input_source[j];
+      for (int64_t j = 0; j < st.c1; ++j)
+        packed_of[st.g_w1 + h * st.c1p + j] = st.off[kOffW1] + h * st.c1 + st.coupling[j];
       for (int64_t k = 0; k < H; ++k) packed_of[st.g_w2 + h * HP + k] = st.off[kOffW2] + h * H + k;
     }
     for (int64_t o = 0; o < st.outputs; ++o) {
-      const int64_t row = st.output_source[o];
+      const int64_t row = output_row(st, o);
       for (int64_t h = 0; h < H; ++h) packed_of[st.g_w3 + o * HP + h] = st.off[kOffW3] + row * H + h;
       packed_of[st.g_b3 + o] = st.off[kOffB3] + row;
       packed_of[st.g_l3 + o] = st.off[kOffL3] + row;
@@ -504,7 +506,8 @@ void step_backward(const GlowPlanView& plan, const Step<A>& st, A* dv, const A* 
     for (int64_t r = 0; r < rows; ++r) sum_dlog_det += dlog_det[r];
     A* g_bias = grad + st.g_an_bias;
     A* g_logs = grad + st.g_an_logs;
-    for (int32_t p : st.active) {
+    for (int64_t i = 0; i < st.cl; ++i) {
+      const int32_t p = st.cond[i];   // every channel of the level
       g_bias[st.an[p]] += dbias[p];
       g_logs[st.an[p]] += f * (dlogs[p] + sum_dlog_det);
     }

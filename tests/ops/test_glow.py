@@ -172,6 +172,61 @@ def test_bad_input_is_named():
         pack_forward(plan, [[torch.zeros(3)] * 11] * plan.steps)
 
 
+@pytest.mark.parametrize("mixing", ["reverse", "random"])
+def test_local_order_lists_each_levels_channels_as_the_cpu_kernel_reads_them(mixing):
+    # The C++ kernel's local order: per step, the conditioning then the transformed channels, each in ascending
+    # physical order, with the coupling channel of each (the same roles as the Triton kernel's `order`).
+    _, plan, _ = _plan_and_params("affine", mixing, "cpu")
+    local_order, order, steps = plan.tables.local_order, plan.tables.order, plan.steps
+    for s in range(steps):
+        cl, c1 = int(plan.meta_host[s, glow_meta.CL]), int(plan.meta_host[s, glow_meta.C1])
+        physical, coupling = local_order[s, :cl], local_order[steps + s, :cl]
+        for part in (physical[:c1], physical[c1:]):
+            assert torch.all(part[1:] > part[:-1])
+        assert torch.equal(order[s, coupling.long()], physical)
+        assert sorted(coupling[:c1].tolist()) == list(range(c1))
+        assert sorted(coupling[c1:].tolist()) == list(range(c1, cl))
+        assert torch.all(local_order[:, cl:][[s, steps + s]] == -1)
+        if mixing == "reverse":   # each part one contiguous range: the kernel reads and writes the state in place
+            for part in (physical[:c1], physical[c1:]):
+                assert part.tolist() == list(range(int(part[0]), int(part[0]) + len(part)))
+
+
+@pytest.mark.skipif("cpp" not in GLOW_BACKENDS, reason="needs the compiled extension")
+def test_compiled_glow_names_a_bad_plan_table():
+    _, plan, (params, mix, _) = _plan_and_params("additive", "reverse", "cpu")
+    args = (plan.level_steps, plan.level_channels, plan.hidden, plan.affine, plan.lu, plan.logscale_factor, False)
+    x = torch.randn(4, 10)
+
+    def run(**tables):
+        torch.ops.flowkern_C.glow_fwd(x, params, mix, list(plan.tables._replace(**tables)), *args)
+
+    run()
+    for bad_entry in (-1, 10):   # a physical channel outside [0, C)
+        local_order = plan.tables.local_order.clone()
+        local_order[1, 0] = bad_entry
+        with pytest.raises(ValueError, match="local order table out of range, repeated or not ascending at step 1"):
+            run(local_order=local_order)
+    local_order = plan.tables.local_order.clone()
+    local_order[plan.steps + 1, 1] = local_order[plan.steps + 1, 0]   # a coupling channel given twice
+    with pytest.raises(ValueError, match="local order table out of range, repeated"):
+        run(local_order=local_order)
+    local_order = plan.tables.local_order.clone()
+    local_order[plan.steps, 0] = plan.level_channels[0] - 1   # a conditioning channel given a transformed role
+    with pytest.raises(ValueError, match="local order table out of range"):
+        run(local_order=local_order)
+    an_idx = plan.tables.an_idx.clone()
+    an_idx[0, 3] = 10
+    with pytest.raises(ValueError, match="local order table out of range"):
+        run(an_idx=an_idx)
+    meta = plan.tables.meta.clone()
+    meta[0, glow_meta.CL] = 11
+    with pytest.raises(ValueError, match="meta table at step 0 gives C1 = 5, CL = 11"):
+        run(meta=meta)
+    with pytest.raises(ValueError, match=r"local_order must be int32 \[2 \* steps, C\]"):
+        run(local_order=plan.tables.local_order[:plan.steps].contiguous())
+
+
 def test_compiled_kernel_names_the_meta_columns_as_python_does():
     # csrc/cpu/glow.cpp's `enum Meta` spells each column of flowkern/kernels/glow_meta.py in C++ style
     # (OFF_ACTNORM_BIAS: kOffActnormBias) with the same value.

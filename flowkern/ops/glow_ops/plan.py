@@ -19,9 +19,9 @@ class GlowTables(NamedTuple):
     """The plan's tables, handed to every backend as one group (see GlowPlan): each backend reads those it needs."""
     meta: torch.Tensor
     an_idx: torch.Tensor
-    cp_idx: torch.Tensor
     z_idx: torch.Tensor
     order: torch.Tensor
+    local_order: torch.Tensor
 
 
 class GlowPlan:
@@ -29,10 +29,15 @@ class GlowPlan:
 
     level_channels: channels of each level; depth: steps per level; perms: one LongTensor per step (y = x[:, perm])
     for permutation mixing, or None for LU mixing. Channels keep one *physical* position for the whole flow;
-    an_idx/cp_idx [steps, C] give each physical channel's ActNorm and coupling channel at each step (-1 once it
-    has been factored out), z_idx [C] its column in z. `order` [2 * steps, C] lists the same by coupling channel
-    (what the Triton kernel loops over: the level's channels only): order[s, k] is the physical channel that is
-    coupling channel k at step s, order[steps + s, k] its ActNorm channel (k < the level's channels; 0 after).
+    an_idx [steps, C] gives each physical channel's ActNorm channel at each step (-1 once it has been factored
+    out), z_idx [C] its column in z. `order` [2 * steps, C] lists the roles by coupling channel (what the Triton
+    kernel loops over: the level's channels only): order[s, k] is the physical channel that is coupling channel k
+    at step s, order[steps + s, k] its ActNorm channel (k < the level's channels; 0 after).
+    `local_order` [2 * steps, C] is the C++ CPU kernel's channel order (csrc/cpu/glow.cpp), in which the
+    conditioning and the transformed channels each keep ascending physical order (so that under reverse mixing
+    each is one contiguous range of the state): local_order[s, i] is the physical channel at local position i of
+    step s (the C1 conditioning channels, then the transformed ones), local_order[steps + s, i] its coupling
+    channel (-1 after the level's channels).
     `meta` [steps, glow_meta.COUNT]: per step, the columns named in flowkern/kernels/glow_meta.py. `tables` holds
     them all (GlowTables) on `device`, for every backend.
     """
@@ -52,6 +57,7 @@ class GlowPlan:
         cp_idx = torch.full((steps, channels), -1, dtype=torch.int32)
         z_idx = torch.empty(channels, dtype=torch.int32)
         order = torch.zeros((2 * steps, channels), dtype=torch.int32)
+        local_order = torch.full((2 * steps, channels), -1, dtype=torch.int32)
         meta = torch.zeros((steps, glow_meta.COUNT), dtype=torch.int64)
         self.param_shapes: list[list[tuple[int, ...]]] = []
         physical = list(range(channels))  # physical position of each logical channel of the current level
@@ -68,6 +74,9 @@ class GlowPlan:
                 cp_idx[s, physical] = torch.arange(cl, dtype=torch.int32)
                 order[s, :cl] = torch.tensor(physical, dtype=torch.int32)
                 order[steps + s, :cl] = an_idx[s, physical]
+                local = sorted(physical[:c1]) + sorted(physical[c1:cl])
+                local_order[s, :cl] = torch.tensor(local, dtype=torch.int32)
+                local_order[steps + s, :cl] = cp_idx[s, local]
                 shapes = [(cl,), (cl,), (hidden, c1), (hidden,), (hidden,), (hidden, hidden), (hidden,), (hidden,),
                           (outputs, hidden), (outputs,), (outputs,)]
                 # The STEP_PARAMS offsets are the table's first columns, in that order.
@@ -94,7 +103,7 @@ class GlowPlan:
         self.params_numel, self.mix_numel = params_total, mix_total
         self.level_steps = [depth] * len(level_channels)
         self.meta_host = meta
-        self.tables = GlowTables(*(t.to(device) for t in (meta, an_idx, cp_idx, z_idx, order)))
+        self.tables = GlowTables(*(t.to(device) for t in (meta, an_idx, z_idx, order, local_order)))
         self.device = torch.device(device)
 
 
