@@ -631,7 +631,8 @@ Plan glow_plan(const Tensor& data, at::TensorList params, const Tensor& mix, at:
   plan.params = at::cat(flat).to(acc_type(data)).contiguous();
   plan.mix = mix.to(acc_type(data)).contiguous();
   plan.view = {meta.data_ptr<int64_t>(), an_idx.data_ptr<int32_t>(), local_order.data_ptr<int32_t>(),
-               z_idx.data_ptr<int32_t>(), steps, channels, hidden, affine, lu, logscale_factor};
+               z_idx.data_ptr<int32_t>(), plan.params.numel(), plan.mix.numel(), steps, channels, hidden, affine, lu,
+               logscale_factor};
   return plan;
 }
 
@@ -693,8 +694,8 @@ std::tuple<Tensor, Tensor, Tensor> glow_bwd(const Tensor& dz_in, const Tensor& d
   Tensor dx = new_like_rows(z), dparams = at::empty({plan.params.numel()}, acc);
   Tensor dmid = lu ? at::empty({steps, batch, channels}, acc) : at::empty({0}, acc);
   flowkern::cpu::glow_bwd(dz.data_ptr(), dlog_det.data_ptr(), dlog_prior.data_ptr(), dtype, plan.params.data_ptr(),
-                          plan.mix.data_ptr(), mid.data_ptr(), plan.view, batch, plan.params.numel(), dx.data_ptr(),
-                          dparams.data_ptr(), lu ? dmid.data_ptr() : nullptr, kGemm, kParallelFor);
+                          plan.mix.data_ptr(), mid.data_ptr(), plan.view, batch, dx.data_ptr(), dparams.data_ptr(),
+                          lu ? dmid.data_ptr() : nullptr, kGemm, kParallelFor);
   return {dx, dparams.to(params[0].scalar_type()), dmid};
 }
 

@@ -110,6 +110,7 @@ struct GlowPlanView {
   // transformed, each ascending); row steps + s, the coupling channel of each (GlowPlan.local_order).
   const int32_t* local_order;
   const int32_t* z_idx;    // [channels]: the column of z each physical channel ends in
+  int64_t params_numel, mix_numel;   // sizes of the packed parameters and mixing values (meta's offsets index them)
   int64_t steps, channels, hidden;
   bool affine, lu;
   double logscale_factor;
@@ -122,11 +123,11 @@ void glow_fwd(const void* x, DType dtype, const void* params, const void* mix, c
               const ParallelFor& par);
 void glow_inv(const void* z, DType dtype, const void* params, const void* mix, const GlowPlanView& plan,
               int64_t batch, void* x, const Gemm& gemm, const ParallelFor& par);
-// dx from dz, dlog_det, dlog_prior; dparams [params_numel] summed in fixed order; LU flows: dmid [steps, B, C],
+// dx from dz, dlog_det, dlog_prior; dparams [plan.params_numel] summed in fixed order; LU flows: dmid [steps, B, C],
 // the gradient at each mixing GEMM's output, which the caller turns into dW, db with one GEMM per step (with inp).
 void glow_bwd(const void* dz, const void* dlog_det, const void* dlog_prior, DType dtype, const void* params,
-              const void* mix, const void* mid, const GlowPlanView& plan, int64_t batch, int64_t params_numel,
-              void* dx, void* dparams, void* dmid, const Gemm& gemm, const ParallelFor& par);
+              const void* mix, const void* mid, const GlowPlanView& plan, int64_t batch, void* dx,
+              void* dparams, void* dmid, const Gemm& gemm, const ParallelFor& par);
 
 }  // namespace cpu
 

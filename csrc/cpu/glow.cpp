@@ -120,6 +120,23 @@ void prepare_step(const GlowPlanView& plan, const A* params, const A* mix, int64
                                   std::to_string(st.c1) + ", CL = " + std::to_string(st.cl) +
                                   " (need 0 < C1 < CL <= " + std::to_string(C) + ")");
     st.outputs = st.c2 * (plan.affine ? 2 : 1);
+    // The values the step reads at each meta offset, inside the packed parameters / mixing values.
+    auto check_offset = [&](int column, int64_t n, int64_t numel, const char* what) {
+      const int64_t first = st.off[column];
+      if (first < 0 || first > numel - n)
+        throw std::invalid_argument("glow: meta table at step " + std::to_string(s) + ", column " +
+                                    std::to_string(column) + ": offset " + std::to_string(first) + " of " +
+                                    std::to_string(n) + " values outside the " + std::to_string(numel) + " " + what);
+    };
+    const int64_t layer_sizes[] = {H * st.c1, H, H, H * H, H, H, st.outputs * H, st.outputs, st.outputs};
+    for (int i = 0; i < 9; ++i) check_offset(kOffW1 + i, layer_sizes[i], plan.params_numel, "packed parameters");
+    if (plan.lu) {
+      check_offset(kOffMixW, st.cl * st.cl, plan.mix_numel, "mixing values");
+      check_offset(kOffMixB, st.cl, plan.mix_numel, "mixing values");
+    } else {
+      check_offset(kOffActnormBias, st.cl, plan.params_numel, "packed parameters");
+      check_offset(kOffActnormLogs, st.cl, plan.params_numel, "packed parameters");
+    }
     st.cond = plan.local_order + s * C;
     st.trans = st.cond + st.c1;
     st.coupling = plan.local_order + (plan.steps + s) * C;
@@ -669,15 +686,15 @@ void inverse(const T* z, const A* params, const A* mix, const GlowPlanView& plan
 
 template <typename T, typename A>
 void backward(const T* dz, const A* dlog_det, const A* dlog_prior, const A* params, const A* mix, const A* mid,
-              const GlowPlanView& plan, int64_t batch, int64_t params_numel, T* dx, A* dparams, A* dmid,
-              const Gemm& gemm, const ParallelFor& par) {
+              const GlowPlanView& plan, int64_t batch, T* dx, A* dparams, A* dmid, const Gemm& gemm,
+              const ParallelFor& par) {
   Flow<A> flow(plan, params, mix, batch, par);
   std::vector<int32_t>& packed_of = reused_buffer<std::vector<int32_t>>();
   gradient_layout(flow.steps, plan.hidden, plan.lu, packed_of);
   const int64_t local_numel = int64_t(packed_of.size());
-  if (std::count_if(packed_of.begin(), packed_of.end(), [](int32_t i) { return i >= 0; }) != params_numel)
+  if (std::count_if(packed_of.begin(), packed_of.end(), [](int32_t i) { return i >= 0; }) != plan.params_numel)
     throw std::invalid_argument("glow_bwd: the plan's parameter offsets do not cover the " +
-                                std::to_string(params_numel) + " packed parameters");
+                                std::to_string(plan.params_numel) + " packed parameters");
   const int64_t C = plan.channels, S = plan.steps;
   const int64_t groups = std::min(flow.tiles, kMaxGroups);
   const int64_t tiles_per_group = (flow.tiles + groups - 1) / groups;
@@ -788,15 +805,15 @@ void glow_inv(const void* z, DType dtype, const void* params, const void* mix, c
 }
 
 void glow_bwd(const void* dz, const void* dlog_det, const void* dlog_prior, DType dtype, const void* params,
-              const void* mix, const void* mid, const GlowPlanView& plan, int64_t batch, int64_t params_numel,
-              void* dx, void* dparams, void* dmid, const Gemm& gemm, const ParallelFor& par) {
+              const void* mix, const void* mid, const GlowPlanView& plan, int64_t batch, void* dx,
+              void* dparams, void* dmid, const Gemm& gemm, const ParallelFor& par) {
   check_plan(plan, "glow_bwd");
   dispatch(dtype, "glow_bwd", [&](auto t, auto a) {
     using T = decltype(t);
     using A = decltype(a);
     backward<T, A>(static_cast<const T*>(dz), static_cast<const A*>(dlog_det), static_cast<const A*>(dlog_prior),
                    static_cast<const A*>(params), static_cast<const A*>(mix), static_cast<const A*>(mid), plan, batch,
-                   params_numel, static_cast<T*>(dx), static_cast<A*>(dparams), static_cast<A*>(dmid), gemm, par);
+                   static_cast<T*>(dx), static_cast<A*>(dparams), static_cast<A*>(dmid), gemm, par);
   });
 }
 

@@ -194,13 +194,17 @@ def test_local_order_lists_each_levels_channels_as_the_cpu_kernel_reads_them(mix
 
 @pytest.mark.skipif("cpp" not in GLOW_BACKENDS, reason="needs the compiled extension")
 def test_compiled_glow_names_a_bad_plan_table():
-    _, plan, (params, mix, _) = _plan_and_params("additive", "reverse", "cpu")
-    args = (plan.level_steps, plan.level_channels, plan.hidden, plan.affine, plan.lu, plan.logscale_factor, False)
-    x = torch.randn(4, 10)
+    def compiled_forward(mixing):
+        """The compiled forward on a plan (and its parameters) whose tables `run` replaces by keyword."""
+        _, plan, (params, mix, _) = _plan_and_params("additive", mixing, "cpu")
 
-    def run(**tables):
-        torch.ops.flowkern_C.glow_fwd(x, params, mix, list(plan.tables._replace(**tables)), *args)
+        def run(**tables):
+            torch.ops.flowkern_C.glow_fwd(torch.randn(4, 10), params, mix, list(plan.tables._replace(**tables)),
+                                          plan.level_steps, plan.level_channels, plan.hidden, plan.affine, plan.lu,
+                                          plan.logscale_factor, False)
+        return plan, mix, run
 
+    plan, _, run = compiled_forward("reverse")
     run()
     for bad_entry in (-1, 10):   # a physical channel outside [0, C)
         local_order = plan.tables.local_order.clone()
@@ -223,6 +227,17 @@ def test_compiled_glow_names_a_bad_plan_table():
     meta[0, glow_meta.CL] = 11
     with pytest.raises(ValueError, match="meta table at step 0 gives C1 = 5, CL = 11"):
         run(meta=meta)
+    meta = plan.tables.meta.clone()
+    meta[1, glow_meta.OFF_W3] = plan.params_numel - 1   # W3's values would run past the packed parameters
+    with pytest.raises(ValueError, match=f"meta table at step 1, column {glow_meta.OFF_W3}: offset "
+                                         f"{plan.params_numel - 1} of .* outside the {plan.params_numel} packed"):
+        run(meta=meta)
+    lu_plan, lu_mix, lu_run = compiled_forward("lu")
+    lu_run()
+    meta = lu_plan.tables.meta.clone()
+    meta[0, glow_meta.OFF_MIX_B] = lu_mix.numel()
+    with pytest.raises(ValueError, match=f"outside the {lu_mix.numel()} mixing values"):
+        lu_run(meta=meta)
     with pytest.raises(ValueError, match=r"local_order must be int32 \[2 \* steps, C\]"):
         run(local_order=plan.tables.local_order[:plan.steps].contiguous())
 
