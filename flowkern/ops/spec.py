@@ -27,7 +27,7 @@ _SCHEMA_TYPES = {torch.Tensor: "Tensor", list[torch.Tensor]: "Tensor[]", float: 
 
 
 class MlpParams(NamedTuple):
-    """The fused MLP subnet (flowkern.nn.subnets.MLPSubnet; csrc/flowkern.h's MlpWeights): w1 [H, C1], b1/l1 [H]
+    """The fused MLP subnet (flowkern.nn.subnets.MLPSubnet; csrc/flowkern.h's MlpParams): w1 [H, C1], b1/l1 [H]
     (first Linear, ActNorm), w2 [H, H], b2/l2 [H] (second), w3 [O, H], b3/l3 [O] (ZeroLinear)."""
     w1: torch.Tensor
     b1: torch.Tensor
