@@ -64,7 +64,8 @@ class OpSpec:
     backward: an OpSpec called with (gradient of each output, every argument) that returns the gradients of the
     differentiable arguments in order (a group's as one tensor per member, a list[torch.Tensor]'s as one list),
     or a function of (the arguments, `impl` and `outputs` as a namespace, gradient of each output) returning the
-    same."""
+    same; activations: how many of the last outputs are activations saved for that backward function, not results:
+    autograd neither differentiates them nor fills zero gradients for them (the backward gets None there)."""
     name: str
     family: str
     args: tuple[tuple[str, object], ...]
@@ -72,8 +73,11 @@ class OpSpec:
     returns: str
     differentiable: tuple[str, ...] = ()
     backward: OpSpec | Callable | None = None
+    activations: int = 0
 
     def __post_init__(self):
+        if self.activations and isinstance(self.backward, OpSpec):
+            raise ValueError(f"{self.name}: saved activations need a backward function, which sees the outputs")
         SPECS[self.name] = self
         self.op = torch.library.custom_op(f"flowkern::{self.name}", self._launch, mutates_args=(),
                                           schema=self.schema(with_impl=True))
@@ -113,6 +117,11 @@ class OpSpec:
         if ctx.saves_outputs:
             tensors.extend(output if isinstance(output, (tuple, list)) else [output])
         ctx.save_for_backward(*tensors)
+        if self.activations:
+            # Zero gradients for the activations would cost a fill of [steps, B, C] per backward; the results'
+            # missing gradients are filled in _backward instead.
+            ctx.mark_non_differentiable(*output[-self.activations:])
+            ctx.set_materialize_grads(False)
 
     def _saved_args(self, ctx) -> tuple[list, list]:
         """(the arguments, the outputs if saved) from the saved tensors."""
@@ -129,6 +138,10 @@ class OpSpec:
 
     def _backward(self, ctx, *grad_outputs):
         args, outputs = self._saved_args(ctx)
+        if self.activations:
+            results = len(grad_outputs) - self.activations
+            grad_outputs = [torch.zeros_like(out) if grad is None and i < results else grad
+                            for i, (grad, out) in enumerate(zip(grad_outputs, outputs))]
         if isinstance(self.backward, OpSpec):
             grads = self.backward(*grad_outputs, *args, impl=ctx.impl)
         else:

@@ -91,7 +91,7 @@ GLOW_FWD = OpSpec(
     "glow_fwd", "glow",
     (("x", torch.Tensor), ("params", list[torch.Tensor]), ("mix", torch.Tensor)) + _PLAN_ARGS + (("save", bool),),
     _forward_outputs, "(Tensor, Tensor, Tensor, Tensor, Tensor)",
-    differentiable=("x", "params", "mix"), backward=_glow_backward)
+    differentiable=("x", "params", "mix"), backward=_glow_backward, activations=2)
 GLOW_INV = OpSpec(   # no backward: callers needing gradients through the inverse use the per-op path
     "glow_inv", "glow",
     (("z", torch.Tensor), ("params", list[torch.Tensor]), ("mix", torch.Tensor)) + _PLAN_ARGS,
