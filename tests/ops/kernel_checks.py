@@ -199,11 +199,21 @@ def compile_for_hopper(cases: list[dict]) -> list[int]:
     return [resources["stack"] for resources in hopper_resources(cases)]
 
 
-def start_hopper_compile(item, cases_of: Callable[[], list[dict]]) -> None:
-    """A kernel test module's start_in_background (tests/background.py): queues the sm_90 compile of its
-    test_kernels_compile_for_hopper_without_spills, whose cases are cases_of()."""
-    if item.originalname == "test_kernels_compile_for_hopper_without_spills" and _hopper_toolchain_present():
-        BACKGROUND.submit(f"sm_90 {item.module.__name__}", functools.partial(compile_for_hopper, cases_of()))
+def hopper_spill_check(cases_of: Callable[[], list[dict]]):
+    """What a kernel test module binds as `start_in_background, test_kernels_compile_for_hopper_without_spills`:
+    the hook tests/background.py calls at collection, which queues the sm_90 compile of the cases cases_of()
+    returns, and the test that asserts they spill at most MAX_SPILL_BYTES (compiling now if nothing was queued)."""
+    module = cases_of.__module__
+
+    def start_in_background(item) -> None:
+        if item.originalname == "test_kernels_compile_for_hopper_without_spills" and _hopper_toolchain_present():
+            BACKGROUND.submit(f"sm_90 {module}", functools.partial(compile_for_hopper, cases_of()))
+
+    @needs_hopper_toolchain
+    def test_kernels_compile_for_hopper_without_spills():
+        assert_no_hopper_spills(module, cases_of())
+
+    return start_in_background, test_kernels_compile_for_hopper_without_spills
 
 
 def assert_no_hopper_spills(module: str, cases: list[dict]) -> None:

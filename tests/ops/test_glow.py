@@ -18,8 +18,7 @@ from flowkern.ops.glow_ops import GlowPlan, glow_ref, pack_forward
 from tests.conftest import KERNEL_BACKENDS
 from tests.helpers import random_glow
 from tests.ops.kernel_cases import assert_close, device_for, grad_dtype, make
-from tests.ops.kernel_checks import (HOPPER_ACTIVATIONS, assert_no_hopper_spills, hopper_case,
-                                     needs_hopper_toolchain, start_hopper_compile)
+from tests.ops.kernel_checks import HOPPER_ACTIVATIONS, hopper_case, hopper_spill_check
 from tests.pairwise import all_pairs, pairwise_parametrize
 
 needs_triton = pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="needs the triton backend")
@@ -310,13 +309,7 @@ def _hopper_cases() -> list[dict]:
     return cases
 
 
-def start_in_background(item) -> None:
-    start_hopper_compile(item, _hopper_cases)
-
-
-@needs_hopper_toolchain
-def test_kernels_compile_for_hopper_without_spills():
-    assert_no_hopper_spills(__name__, _hopper_cases())
+start_in_background, test_kernels_compile_for_hopper_without_spills = hopper_spill_check(_hopper_cases)
 
 
 def _nan_workspace(monkeypatch):

@@ -15,8 +15,7 @@ from flowkern.ops import invconv_ops
 from tests.conftest import GPU_KERNEL_BACKENDS, KERNEL_BACKENDS
 from tests.helpers import randomize_
 from tests.ops.kernel_checks import (HOPPER_ACTIVATIONS, LauncherCalls, assert_compiled_matches_float64,
-                                     assert_no_hopper_spills, assert_training_step_matches_torch, hopper_case,
-                                     needs_hopper_toolchain, start_hopper_compile)
+                                     assert_training_step_matches_torch, hopper_case, hopper_spill_check)
 from tests.ops.kernel_cases import (GPU_ODD_SHAPES, LAYOUTS, LOW_PRECISION, SHAPES, assert_close, device_for,
                                     grad_dtype, make, pixels)
 from tests.pairwise import all_pairs, pairwise_parametrize
@@ -336,13 +335,7 @@ def _hopper_cases() -> list[dict]:
     return cases
 
 
-def start_in_background(item) -> None:
-    start_hopper_compile(item, _hopper_cases)
-
-
-@needs_hopper_toolchain
-def test_kernels_compile_for_hopper_without_spills():
-    assert_no_hopper_spills(__name__, _hopper_cases())
+start_in_background, test_kernels_compile_for_hopper_without_spills = hopper_spill_check(_hopper_cases)
 
 
 # ---- real sizes on a GPU ----

@@ -16,8 +16,7 @@ from tests.conftest import KERNEL_BACKENDS
 from tests.ops.kernel_cases import LAYOUTS, LOW_PRECISION, assert_close, device_for, grad_dtype, make
 from tests.helpers import randomize_
 from tests.ops.kernel_checks import (HOPPER_ACTIVATIONS, LauncherCalls, assert_compiled_matches_float64,
-                                     assert_no_hopper_spills, assert_training_step_matches_torch, hopper_case,
-                                     needs_hopper_toolchain, start_hopper_compile)
+                                     assert_training_step_matches_torch, hopper_case, hopper_spill_check)
 from tests.pairwise import all_pairs, pairwise_parametrize
 
 FACTOR = 3.0
@@ -268,13 +267,7 @@ def _hopper_cases() -> list[dict]:
     return cases
 
 
-def start_in_background(item) -> None:
-    start_hopper_compile(item, _hopper_cases)
-
-
-@needs_hopper_toolchain
-def test_kernels_compile_for_hopper_without_spills():
-    assert_no_hopper_spills(__name__, _hopper_cases())
+start_in_background, test_kernels_compile_for_hopper_without_spills = hopper_spill_check(_hopper_cases)
 
 
 # ---- real sizes on a GPU ----
