@@ -172,7 +172,8 @@ def test_jsonl_report_survives_a_kill(tmp_path):
 
 
 def test_warm_workers_run_each_first_call_once_grouped_by_compiled_function():
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+           "PYTHONUNBUFFERED": "1"}   # unbuffered, the workers' lines once interleaved (a print wrote text and newline apart)
     result = subprocess.run([sys.executable, "-m", "flowkern", "bench", "--smoke", "--suite", "ops", "--no-compile",
                              "--only", "^actnorm$", "--warm-workers", "2", "--budget-s", "240"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)
@@ -182,7 +183,7 @@ def test_warm_workers_run_each_first_call_once_grouped_by_compiled_function():
     backends = {"torch", "triton", "cpp"} & set(bench.variants_for(torch.device("cpu"), with_compile=False))
     assert sorted(pairs) == sorted((shape, dtype, mode, variant) for shape in ("16x12", "2x3x4x4")
                                    for dtype in ("float32", "bfloat16") for mode in ("forward", "forward+backward")
-                                   for variant in backends)   # every pair once, none failed
+                                   for variant in backends), result.stdout   # every pair once, none failed
     workers = {}
     for worker, _, dtype, mode, variant, _ in warmed:   # both shapes of one compiled function in one process
         workers.setdefault((dtype, mode, variant), set()).add(worker)

@@ -101,9 +101,17 @@ def warm_in_parallel(argv: list[str], workers: int, budget_s: float) -> int:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-    print(f"warm: {workers} processes in {time.monotonic() - started:.0f} s; {len(stopped)} stopped at the budget",
-          flush=True)
-    return 0
+    failed = [i for i, p in enumerate(processes) if p not in stopped and p.returncode != 0]
+    _print_line(f"warm: {workers} processes in {time.monotonic() - started:.0f} s; {len(stopped)} stopped at the budget"
+                + (f"; worker(s) {', '.join(map(str, failed))} failed" if failed else ""))
+    return 1 if failed else 0
+
+
+def _print_line(text: str) -> None:
+    """One write per line: the warm-up workers share the parent's stdout, and print() writes the text and its
+    newline apart when Python runs unbuffered (PYTHONUNBUFFERED), so two workers' lines could interleave."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
 
 
 def warm_shard(cases: list[Case], variants: list[str], shard: tuple[int, int], timer: Timer,
@@ -129,7 +137,7 @@ def warm_shard(cases: list[Case], variants: list[str], shard: tuple[int, int], t
             finally:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-            print(f"warm [{index}/{count}] {label(case):58s} {variant:16s} {outcome}", flush=True)
+            _print_line(f"warm [{index}/{count}] {label(case):58s} {variant:16s} {outcome}")
 
 
 def run_case(case: Case, variant: str, timer: Timer, copy_gbs: float) -> dict:
