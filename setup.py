@@ -41,7 +41,9 @@ def extension_modules():
     arch = os.environ.get("FLOWKERN_CPU_ARCH", "native")
     # -fopenmp: at::parallel_for (the kernels' ParallelFor) is an inline OpenMP loop in torch's CPU builds, serial
     # unless the extension itself is compiled with OpenMP. The C++ standard is torch's.
-    cxx_flags = ["-O3", "-fopenmp"] + ([f"-march={arch}"] if arch else [])
+    # -fno-wrapv: Python's CFLAGS add -fwrapv, under which the compiler cannot prove that index arithmetic does not
+    # wrap and leaves some kernel loops scalar (the channelwise row sums ran 2.8x slower with it).
+    cxx_flags = ["-O3", "-fno-wrapv", "-fopenmp"] + ([f"-march={arch}"] if arch else [])
     if torch.version.cuda and CUDA_HOME and cuda_sources:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         ext = CUDAExtension(

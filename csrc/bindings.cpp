@@ -14,6 +14,8 @@
 #include <vector>
 
 #include "flowkern.h"
+#include "common/channelwise.cuh"
+#include "ops/registry.h"
 
 #ifdef FLOWKERN_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -116,50 +118,6 @@ bool on_cuda(const Tensor& t, const char* op) {
   return true;
 }
 
-// ---------------------------------------------------------------------------------------------------------------
-// ActNorm
-
-std::tuple<Tensor, Tensor> actnorm_fwd(const Tensor& x_in, const Tensor& bias_in, const Tensor& logs_in,
-                                       double logscale_factor) {
-  const char* op = "actnorm_fwd";
-  auto [batch, channels, pixels] = rows_of(x_in, op, "x");
-  const DType dtype = dtype_of(x_in, op, "x");
-  const Tensor x = x_in.contiguous();
-  const Tensor bias = param(bias_in, x, {channels}, op, "bias"), logs = param(logs_in, x, {channels}, op, "logs");
-  Tensor y = new_like_rows(x), log_det = acc_vector(x, batch);
-  if (on_cuda(x, op)) {
-#ifdef FLOWKERN_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(x.device());
-    flowkern::cuda::actnorm_fwd(x.data_ptr(), dtype, bias.data_ptr(), logs.data_ptr(), batch, channels, pixels,
-                                logscale_factor, y.data_ptr(), log_det.data_ptr(), stream_of(x));
-#endif
-  } else {
-    flowkern::cpu::actnorm_fwd(x.data_ptr(), dtype, bias.data_ptr(), logs.data_ptr(), batch, channels, pixels,
-                               logscale_factor, y.data_ptr(), log_det.data_ptr(), kParallelFor);
-  }
-  return {y, log_det};
-}
-
-Tensor actnorm_inv(const Tensor& y_in, const Tensor& bias_in, const Tensor& logs_in, double logscale_factor) {
-  const char* op = "actnorm_inv";
-  auto [batch, channels, pixels] = rows_of(y_in, op, "y");
-  const DType dtype = dtype_of(y_in, op, "y");
-  const Tensor y = y_in.contiguous();
-  const Tensor bias = param(bias_in, y, {channels}, op, "bias"), logs = param(logs_in, y, {channels}, op, "logs");
-  Tensor x = new_like_rows(y);
-  if (on_cuda(y, op)) {
-#ifdef FLOWKERN_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(y.device());
-    flowkern::cuda::actnorm_inv(y.data_ptr(), dtype, bias.data_ptr(), logs.data_ptr(), batch, channels, pixels,
-                                logscale_factor, x.data_ptr(), stream_of(y));
-#endif
-  } else {
-    flowkern::cpu::actnorm_inv(y.data_ptr(), dtype, bias.data_ptr(), logs.data_ptr(), batch, channels, pixels,
-                               logscale_factor, x.data_ptr(), kParallelFor);
-  }
-  return x;
-}
-
 // dlog_det [B] as a contiguous acc-typed tensor (autograd may hand an expanded scalar).
 Tensor per_row(const Tensor& g, const Tensor& data, int64_t batch, const char* op, const char* name) {
   check_device(g, data, op, name);
@@ -167,33 +125,138 @@ Tensor per_row(const Tensor& g, const Tensor& data, int64_t batch, const char* o
   return g.to(acc_type(data)).contiguous();
 }
 
-std::tuple<Tensor, Tensor, Tensor> actnorm_bwd(const Tensor& dy_in, const Tensor& dlog_det_in, const Tensor& x_in,
-                                               const Tensor& bias_in, const Tensor& logs_in, double logscale_factor) {
-  const char* op = "actnorm_bwd";
-  auto [batch, channels, pixels] = rows_of(x_in, op, "x");
-  const DType dtype = dtype_of(x_in, op, "x");
-  check_shape(dy_in, x_in.sizes(), op, "grad_y");
-  check_device(dy_in, x_in, op, "grad_y");
-  const Tensor x = x_in.contiguous(), dy = dy_in.to(x_in.scalar_type()).contiguous();
-  const Tensor dlog_det = per_row(dlog_det_in, x, batch, op, "grad_log_det");
-  const Tensor bias = param(bias_in, x, {channels}, op, "bias"), logs = param(logs_in, x, {channels}, op, "logs");
-  Tensor dx = new_like_rows(x), dbias = acc_vector(x, channels), dlogs = acc_vector(x, channels);
-  if (on_cuda(x, op)) {
-#ifdef FLOWKERN_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(x.device());
-    Tensor workspace = at::empty({flowkern::cuda::actnorm_bwd_workspace_bytes(dtype, batch, channels, pixels)},
-                                 x.options().dtype(at::kByte));
-    flowkern::cuda::actnorm_bwd(dy.data_ptr(), dlog_det.data_ptr(), x.data_ptr(), dtype, bias.data_ptr(),
-                                logs.data_ptr(), batch, channels, pixels, logscale_factor, dx.data_ptr(),
-                                dbias.data_ptr(), dlogs.data_ptr(), workspace.data_ptr(), stream_of(x));
-#endif
-  } else {
-    flowkern::cpu::actnorm_bwd(dy.data_ptr(), dlog_det.data_ptr(), x.data_ptr(), dtype, bias.data_ptr(),
-                               logs.data_ptr(), batch, channels, pixels, logscale_factor, dx.data_ptr(),
-                               dbias.data_ptr(), dlogs.data_ptr(), kParallelFor);
-  }
-  return {dx, dbias.to(bias_in.scalar_type()), dlogs.to(logs_in.scalar_type())};
+// ---------------------------------------------------------------------------------------------------------------
+// Channelwise ops (ops/registry.h): one binding for all of them, from each op's kSchema and kRoles.
+
+std::string schema_name(const char* schema) {
+  const std::string text(schema);
+  return text.substr(0, text.find('('));
 }
+
+// The argument names of "name(Type a, Type b) -> ...", in order.
+std::vector<std::string> schema_args(const char* schema) {
+  const std::string text(schema);
+  const size_t open = text.find('('), close = text.find(')');
+  std::vector<std::string> names;
+  size_t begin = open + 1;
+  while (begin < close) {
+    size_t end = std::min(text.find(',', begin), close);
+    const std::string arg = text.substr(begin, end - begin);
+    names.push_back(arg.substr(arg.rfind(' ') + 1));
+    begin = end + 1;
+  }
+  return names;
+}
+
+template <class Op>
+class Channelwise {
+ public:
+  // One argument, in schema order (its role from Op::kRoles).
+  void add(const Tensor& t, int position) {
+    const char role = Op::kRoles[position];
+    auto& group = role == 'd' ? data_ : role == 'r' ? rows_ : params_;
+    group.push_back({t, names_[position]});
+  }
+  void add(double value, int position) { scalars_.push_back(value), (void)position; }
+
+  std::vector<Tensor> run() const {
+    const char* op = op_.c_str();
+    const Tensor& like = data_[Op::kDtypeFrom].tensor;
+    const char* like_name = data_[Op::kDtypeFrom].name.c_str();
+    int64_t batch, channels, pixels;
+    if constexpr (Op::kFlat) {
+      TORCH_CHECK_VALUE(like.dim() >= 1 && like.size(0) > 0, op, ": ", like_name, " must be [B, ...] with B > 0, got ",
+                        like.sizes());
+      batch = like.size(0), channels = 1, pixels = like.numel() / batch;
+    } else {
+      std::tie(batch, channels, pixels) = rows_of(like, op, like_name);
+    }
+    const DType dtype = dtype_of(like, op, like_name);
+    flowkern::ChannelwiseArgs args{batch, channels, pixels, {}, {}, {}, {}, {}, {}, {}};
+    std::vector<Tensor> keep, results;   // the inputs as the kernels read them; what the op returns
+    for (size_t k = 0; k < data_.size(); ++k) {
+      const auto& [t, name] = data_[k];
+      check_device(t, like, op, name.c_str());
+      check_shape(t, like.sizes(), op, name.c_str());
+      dtype_of(t, op, name.c_str());
+      keep.push_back(t.to(like.scalar_type()).contiguous());
+      args.inputs[k] = keep.back().data_ptr();
+    }
+    for (size_t k = 0; k < rows_.size(); ++k) {
+      keep.push_back(per_row(rows_[k].tensor, like, batch, op, rows_[k].name.c_str()));
+      args.rows[k] = keep.back().data_ptr();
+    }
+    for (size_t k = 0; k < params_.size(); ++k) {
+      keep.push_back(param(params_[k].tensor, like, {channels}, op, params_[k].name.c_str()));
+      args.params[k] = keep.back().data_ptr();
+    }
+    for (size_t k = 0; k < scalars_.size(); ++k) args.scalars[k] = scalars_[k];
+    for (int k = 0; k < Op::kOutputs; ++k) {
+      results.push_back(new_like_rows(like));
+      args.outputs[k] = results.back().data_ptr();
+    }
+    for (int k = 0; k < Op::kRowSums; ++k) {
+      results.push_back(acc_vector(like, batch));
+      args.row_sums[k] = results.back().data_ptr();
+    }
+    for (int k = 0; k < Op::kChannelSums; ++k) {
+      results.push_back(acc_vector(like, channels));
+      args.channel_sums[k] = results.back().data_ptr();
+    }
+    if (on_cuda(like, op)) {
+#ifdef FLOWKERN_WITH_CUDA
+      const c10::cuda::CUDAGuard guard(like.device());
+      const Tensor workspace = at::empty(
+          {flowkern::cuda::channelwise_workspace_bytes<Op>(dtype, batch, channels, pixels)},
+          like.options().dtype(at::kByte));
+      flowkern::cuda::channelwise<Op>(dtype, args, workspace.data_ptr(), stream_of(like));
+#endif
+    } else {
+      flowkern::cpu::channelwise<Op>(dtype, args, kParallelFor);
+    }
+    // A parameter's gradient (channel sum k) in that parameter's dtype.
+    for (int k = 0; k < Op::kChannelSums; ++k) {
+      Tensor& sum = results[Op::kOutputs + Op::kRowSums + k];
+      sum = sum.to(params_[k].tensor.scalar_type());
+    }
+    return results;
+  }
+
+ private:
+  struct Named {
+    Tensor tensor;
+    std::string name;
+  };
+  inline static const std::string op_ = schema_name(Op::kSchema);
+  inline static const std::vector<std::string> names_ = schema_args(Op::kSchema);
+  std::vector<Named> data_, rows_, params_;
+  std::vector<double> scalars_;
+};
+
+template <class X, size_t>
+using Repeat = X;
+template <char Role>
+using ArgOf = std::conditional_t<Role == 's', double, const Tensor&>;
+
+// The torch-facing function of a channelwise op: its arguments typed by kRoles, its results a Tensor or a tuple.
+template <class Op, class Args = std::make_index_sequence<sizeof(Op::kRoles) - 1>,
+          class Results = std::make_index_sequence<Op::kOutputs + Op::kRowSums + Op::kChannelSums>>
+struct ChannelwiseBinding;
+
+template <class Op, size_t... I, size_t... J>
+struct ChannelwiseBinding<Op, std::index_sequence<I...>, std::index_sequence<J...>> {
+  using Result = std::conditional_t<sizeof...(J) == 1, Tensor, std::tuple<Repeat<Tensor, J>...>>;
+  static Result call(ArgOf<Op::kRoles[I]>... args) {
+    Channelwise<Op> binding;
+    (binding.add(args, int(I)), ...);
+    std::vector<Tensor> results = binding.run();
+    if constexpr (sizeof...(J) == 1) {
+      return results[0];
+    } else {
+      return Result(results[J]...);
+    }
+  }
+};
 
 // ---------------------------------------------------------------------------------------------------------------
 // Coupling epilogue
@@ -270,48 +333,6 @@ std::tuple<Tensor, Tensor> coupling_epilogue_bwd(const Tensor& dz2_in, const Ten
                                          kParallelFor);
   }
   return {dx2, dh};
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// N(0, I) prior
-
-Tensor gaussian_log_prob_fwd(const Tensor& z_in) {
-  const char* op = "gaussian_log_prob_fwd";
-  TORCH_CHECK_VALUE(z_in.dim() >= 1 && z_in.size(0) > 0, op, ": z must be [B, ...] with B > 0, got ", z_in.sizes());
-  const DType dtype = dtype_of(z_in, op, "z");
-  const Tensor z = z_in.contiguous();
-  const int64_t batch = z.size(0), numel = batch ? z.numel() / batch : 0;
-  Tensor log_prob = acc_vector(z, batch);
-  if (on_cuda(z, op)) {
-#ifdef FLOWKERN_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(z.device());
-    flowkern::cuda::gaussian_log_prob_fwd(z.data_ptr(), dtype, batch, numel, log_prob.data_ptr(), stream_of(z));
-#endif
-  } else {
-    flowkern::cpu::gaussian_log_prob_fwd(z.data_ptr(), dtype, batch, numel, log_prob.data_ptr(), kParallelFor);
-  }
-  return log_prob;
-}
-
-Tensor gaussian_log_prob_bwd(const Tensor& dlog_prob_in, const Tensor& z_in) {
-  const char* op = "gaussian_log_prob_bwd";
-  TORCH_CHECK_VALUE(z_in.dim() >= 1 && z_in.size(0) > 0, op, ": z must be [B, ...] with B > 0, got ", z_in.sizes());
-  const DType dtype = dtype_of(z_in, op, "z");
-  const Tensor z = z_in.contiguous();
-  const int64_t batch = z.size(0), numel = z.numel() / batch;
-  const Tensor dlog_prob = per_row(dlog_prob_in, z, batch, op, "grad_log_prob");
-  Tensor dz = new_like_rows(z);
-  if (on_cuda(z, op)) {
-#ifdef FLOWKERN_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(z.device());
-    flowkern::cuda::gaussian_log_prob_bwd(dlog_prob.data_ptr(), z.data_ptr(), dtype, batch, numel, dz.data_ptr(),
-                                          stream_of(z));
-#endif
-  } else {
-    flowkern::cpu::gaussian_log_prob_bwd(dlog_prob.data_ptr(), z.data_ptr(), dtype, batch, numel, dz.data_ptr(),
-                                         kParallelFor);
-  }
-  return dz;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -702,15 +723,12 @@ std::tuple<Tensor, Tensor, Tensor> glow_bwd(const Tensor& dz_in, const Tensor& d
 }  // namespace
 
 TORCH_LIBRARY(flowkern_C, m) {
-  m.def("actnorm_fwd(Tensor x, Tensor bias, Tensor logs, float logscale_factor) -> (Tensor, Tensor)");
-  m.def("actnorm_inv(Tensor y, Tensor bias, Tensor logs, float logscale_factor) -> Tensor");
-  m.def("actnorm_bwd(Tensor grad_y, Tensor grad_log_det, Tensor x, Tensor bias, Tensor logs, "
-        "float logscale_factor) -> (Tensor, Tensor, Tensor)");
+#define FLOWKERN_DEF(Op) m.def(Op::kSchema);
+  FLOWKERN_CHANNELWISE_OPS(FLOWKERN_DEF)
+#undef FLOWKERN_DEF
   m.def("coupling_epilogue_fwd(Tensor x2, Tensor h, bool affine) -> (Tensor, Tensor)");
   m.def("coupling_epilogue_inv(Tensor z2, Tensor h, bool affine) -> Tensor");
   m.def("coupling_epilogue_bwd(Tensor grad_z2, Tensor grad_log_det, Tensor x2, Tensor h) -> (Tensor, Tensor)");
-  m.def("gaussian_log_prob_fwd(Tensor z) -> Tensor");
-  m.def("gaussian_log_prob_bwd(Tensor grad_log_prob, Tensor z) -> Tensor");
   m.def("lu_weight_fwd(Tensor perm, Tensor lower, Tensor upper, Tensor sign_s, Tensor log_s) -> (Tensor, Tensor)");
   m.def("lu_weight_bwd(Tensor grad_weight, Tensor grad_log_det, Tensor perm, Tensor lower, Tensor upper, "
         "Tensor sign_s, Tensor log_s) -> (Tensor, Tensor, Tensor)");
@@ -734,15 +752,12 @@ TORCH_LIBRARY(flowkern_C, m) {
          "Tensor mid, " + glow_plan + ") -> (Tensor, Tensor, Tensor)").c_str());
 }
 
+#define FLOWKERN_IMPL_CHANNELWISE(Op) m.impl(schema_name(Op::kSchema).c_str(), &ChannelwiseBinding<Op>::call);
 #define FLOWKERN_IMPL_ALL(m)                                     \
-  m.impl("actnorm_fwd", &actnorm_fwd);                           \
-  m.impl("actnorm_inv", &actnorm_inv);                           \
-  m.impl("actnorm_bwd", &actnorm_bwd);                           \
+  FLOWKERN_CHANNELWISE_OPS(FLOWKERN_IMPL_CHANNELWISE)            \
   m.impl("coupling_epilogue_fwd", &coupling_epilogue_fwd);       \
   m.impl("coupling_epilogue_inv", &coupling_epilogue_inv);       \
   m.impl("coupling_epilogue_bwd", &coupling_epilogue_bwd);       \
-  m.impl("gaussian_log_prob_fwd", &gaussian_log_prob_fwd);       \
-  m.impl("gaussian_log_prob_bwd", &gaussian_log_prob_bwd);       \
   m.impl("lu_weight_fwd", &lu_weight_fwd);                       \
   m.impl("lu_weight_bwd", &lu_weight_bwd);                       \
   m.impl("invconv_fwd", &invconv_fwd);                           \

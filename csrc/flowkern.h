@@ -19,6 +19,8 @@ namespace flowkern {
 
 enum class DType : int { f16 = 0, bf16 = 1, f32 = 2, f64 = 3 };
 
+struct ChannelwiseArgs;   // common/channelwise.cuh
+
 // The subnet of the fused MLP coupling (flowkern.ops.MlpParams, one Tensor[] argument the binding unpacks here once):
 // all acc-typed, contiguous.
 //   h1 = relu((x1 W1^T + b1) exp(f l1)), h2 = relu((h1 W2^T + b2) exp(f l2)), o = (h2 W3^T + b3) exp(f l3)
@@ -53,16 +55,6 @@ using ParallelFor = std::function<void(int64_t n, int64_t grain, const RangeFn& 
 using Gemm = std::function<void(DType acc, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
                                 const void* b, bool transpose_b, const void* bias, void* c, int64_t ldc)>;
 
-// ---- ActNorm: y = (x + bias) exp(f logs) per channel; log_det[b] = f sum(logs) P ----
-void actnorm_fwd(const void* x, DType dtype, const void* bias, const void* logs, int64_t batch, int64_t channels,
-                 int64_t pixels, double logscale_factor, void* y, void* log_det, const ParallelFor& par);
-void actnorm_inv(const void* y, DType dtype, const void* bias, const void* logs, int64_t batch, int64_t channels,
-                 int64_t pixels, double logscale_factor, void* x, const ParallelFor& par);
-// dx = dy exp(f logs); dbias[c] = sum dy exp(f logs); dlogs[c] = f sum dy y + f P sum_b dlog_det[b].
-void actnorm_bwd(const void* dy, const void* dlog_det, const void* x, DType dtype, const void* bias, const void* logs,
-                 int64_t batch, int64_t channels, int64_t pixels, double logscale_factor, void* dx, void* dbias,
-                 void* dlogs, const ParallelFor& par);
-
 // ---- Coupling epilogue on x2 [B, C2, P] given the subnet output h (h dtype may differ from x2's) ----
 // additive: z2 = x2 + h (h [B, C2, P]); affine: h [B, 2 C2, P], channel 2c the shift, 2c+1 the raw scale,
 // z2 = (x2 + shift) sigmoid(raw + 2), log_det[b] = sum log sigmoid(raw + 2) (0 for additive).
@@ -75,11 +67,9 @@ void coupling_epilogue_bwd(const void* dz2, const void* dlog_det, const void* x2
                            DType h_dtype, int64_t batch, int64_t channels, int64_t pixels, void* dx2, void* dh,
                            const ParallelFor& par);
 
-// ---- N(0, I) prior: log_prob[b] = -0.5 sum_n (z^2 + log 2 pi); dz = -z dlog_prob[b] ----
-void gaussian_log_prob_fwd(const void* z, DType dtype, int64_t batch, int64_t numel, void* log_prob,
-                           const ParallelFor& par);
-void gaussian_log_prob_bwd(const void* dlog_prob, const void* z, DType dtype, int64_t batch, int64_t numel, void* dz,
-                           const ParallelFor& par);
+// ---- The channelwise ops (ActNorm, the N(0, I) prior; common/channelwise.cuh, ops/registry.h) ----
+template <class Op>
+void channelwise(DType dtype, const ChannelwiseArgs& args, const ParallelFor& par);
 
 // ---- LU weight of the 1x1 convolution: W = P L (U + diag(sign_s exp(log_s))), row i of P M = M[perm[i]] ----
 // All [C, C] / [C] tensors of `dtype` (fp32 or fp64: parameters), perm int64. log_det = sum(log_s) (a scalar).
@@ -136,14 +126,11 @@ namespace cuda {
 // partials need scratch: `workspace` holds at least the bytes the matching *_workspace_bytes returns.
 using Stream = void*;
 
-void actnorm_fwd(const void* x, DType dtype, const void* bias, const void* logs, int64_t batch, int64_t channels,
-                 int64_t pixels, double logscale_factor, void* y, void* log_det, Stream stream);
-void actnorm_inv(const void* y, DType dtype, const void* bias, const void* logs, int64_t batch, int64_t channels,
-                 int64_t pixels, double logscale_factor, void* x, Stream stream);
-int64_t actnorm_bwd_workspace_bytes(DType dtype, int64_t batch, int64_t channels, int64_t pixels);
-void actnorm_bwd(const void* dy, const void* dlog_det, const void* x, DType dtype, const void* bias, const void* logs,
-                 int64_t batch, int64_t channels, int64_t pixels, double logscale_factor, void* dx, void* dbias,
-                 void* dlogs, void* workspace, Stream stream);
+// Channelwise ops: ops with channel sums need `workspace` of channelwise_workspace_bytes<Op> (0 for the others).
+template <class Op>
+int64_t channelwise_workspace_bytes(DType dtype, int64_t batch, int64_t channels, int64_t pixels);
+template <class Op>
+void channelwise(DType dtype, const ChannelwiseArgs& args, void* workspace, Stream stream);
 
 void coupling_epilogue_fwd(const void* x2, DType dtype, const void* h, DType h_dtype, int64_t batch, int64_t channels,
                            int64_t pixels, bool affine, void* z2, void* log_det, Stream stream);
@@ -151,10 +138,6 @@ void coupling_epilogue_inv(const void* z2, DType dtype, const void* h, DType h_d
                            int64_t pixels, bool affine, void* x2, Stream stream);
 void coupling_epilogue_bwd(const void* dz2, const void* dlog_det, const void* x2, DType dtype, const void* h,
                            DType h_dtype, int64_t batch, int64_t channels, int64_t pixels, void* dx2, void* dh,
-                           Stream stream);
-
-void gaussian_log_prob_fwd(const void* z, DType dtype, int64_t batch, int64_t numel, void* log_prob, Stream stream);
-void gaussian_log_prob_bwd(const void* dlog_prob, const void* z, DType dtype, int64_t batch, int64_t numel, void* dz,
                            Stream stream);
 
 void lu_weight_fwd(const int64_t* perm, const void* lower, const void* upper, const void* sign_s, const void* log_s,

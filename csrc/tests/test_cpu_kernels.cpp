@@ -1,9 +1,9 @@
-// Torch-free tests of the CPU launchers (csrc/cpu, all but glow): each against a naive double-precision loop
+// Torch-free tests of the CPU launchers (csrc/cpu, all but glow; the channelwise ops through their engine): each against a naive double-precision loop
 // implementation on small odd sizes with random data, for fp64 / fp32 and 16-bit storage; the fp64 backwards also
 // against central differences of the naive forward (which checks the naive backwards' formulas); bitwise equal
 // results for different ParallelFor splits (the stand-in for thread counts); the error paths.
 // Build (from the repository root; CMake builds it as a test target):
-//   g++ -std=c++17 -O2 -I csrc csrc/tests/test_cpu_kernels.cpp csrc/cpu/{actnorm,coupling_epilogue,prior,invconv,
+//   g++ -std=c++17 -O2 -I csrc csrc/tests/test_cpu_kernels.cpp csrc/cpu/{channelwise,coupling_epilogue,invconv,
 //       mlp_coupling}.cpp -o test_cpu_kernels && ./test_cpu_kernels
 #include <algorithm>
 #include <cmath>
@@ -16,6 +16,7 @@
 
 #include "common/math.cuh"
 #include "flowkern.h"
+#include "ops/registry.h"
 
 using namespace flowkern;
 using Vec = std::vector<double>;
@@ -210,11 +211,16 @@ void test_actnorm(int64_t B, int64_t C, int64_t P) {
   const auto run = [&](const cpu::ParallelFor& par) {
     Stored<T> y(n), xi(n), dx(n);
     Stored<A> log_det(B), dbias(C), dlogs(C);
-    cpu::actnorm_fwd(x.data.data(), dt, bias.data.data(), logs.data.data(), B, C, P, ref.f, y.data.data(),
-                     log_det.data.data(), par);
-    cpu::actnorm_inv(x.data.data(), dt, bias.data.data(), logs.data.data(), B, C, P, ref.f, xi.data.data(), par);
-    cpu::actnorm_bwd(dy.data.data(), dld.data.data(), x.data.data(), dt, bias.data.data(), logs.data.data(), B, C, P,
-                     ref.f, dx.data.data(), dbias.data.data(), dlogs.data.data(), par);
+    const ChannelwiseArgs fwd{B, C, P, {x.data.data()}, {}, {bias.data.data(), logs.data.data()}, {ref.f},
+                              {y.data.data()}, {log_det.data.data()}, {}};
+    cpu::channelwise<ops::ActnormFwd>(dt, fwd, par);
+    ChannelwiseArgs inv = fwd;
+    inv.outputs[0] = xi.data.data();
+    cpu::channelwise<ops::ActnormInv>(dt, inv, par);
+    const ChannelwiseArgs bwd{B, C, P, {dy.data.data(), x.data.data()}, {dld.data.data()},
+                              {bias.data.data(), logs.data.data()}, {ref.f}, {dx.data.data()}, {},
+                              {dbias.data.data(), dlogs.data.data()}};
+    cpu::channelwise<ops::ActnormBwd>(dt, bwd, par);
     return std::vector<Vec>{y.read(), log_det.read(), xi.read(), dx.read(), dbias.read(), dlogs.read()};
   };
   const std::vector<Vec> got = run(serial());
@@ -344,8 +350,10 @@ void test_prior(int64_t B, int64_t numel) {
   const auto run = [&](const cpu::ParallelFor& par) {
     Stored<A> log_prob(B);
     Stored<T> dz(B * numel);
-    cpu::gaussian_log_prob_fwd(z.data.data(), dt, B, numel, log_prob.data.data(), par);
-    cpu::gaussian_log_prob_bwd(dlp.data.data(), z.data.data(), dt, B, numel, dz.data.data(), par);
+    cpu::channelwise<ops::GaussianLogProbFwd>(dt, {B, 1, numel, {z.data.data()}, {}, {}, {}, {}, {log_prob.data.data()}, {}},
+                                              par);
+    cpu::channelwise<ops::GaussianLogProbBwd>(dt, {B, 1, numel, {z.data.data()}, {dlp.data.data()}, {}, {},
+                                                   {dz.data.data()}, {}, {}}, par);
     return std::vector<Vec>{log_prob.read(), dz.read()};
   };
   const std::vector<Vec> got = run(serial());
@@ -650,7 +658,8 @@ void test_mlp_coupling(int64_t B, int64_t c1, int64_t c2, int64_t H, bool affine
 void test_errors() {
   const auto par = serial();
   float x[4] = {}, y[4] = {}, ld[1] = {}, p[2] = {};
-  expect_throws([&] { cpu::actnorm_fwd(x, DType(7), p, p, 1, 2, 2, 3.0, y, ld, par); }, "actnorm_fwd rejects dtype 7");
+  expect_throws([&] { cpu::channelwise<ops::ActnormFwd>(DType(7), {1, 2, 2, {x}, {}, {p, p}, {3.0}, {y}, {ld}, {}}, par); },
+                "actnorm_fwd rejects dtype 7");
   expect_throws([&] { cpu::coupling_epilogue_fwd(x, DType::f32, x, DType(9), 1, 2, 1, false, y, ld, par); },
                 "coupling_epilogue_fwd rejects h dtype 9");
   int64_t perm[2] = {0, 1};
@@ -672,7 +681,7 @@ void test_errors() {
 void test_empty_batch() {
   const auto par = serial();
   float bias[3] = {1, 2, 3}, logs[3] = {0.1f, 0.2f, 0.3f}, dbias[3] = {7, 7, 7}, dlogs[3] = {7, 7, 7};
-  cpu::actnorm_bwd(nullptr, nullptr, nullptr, DType::f32, bias, logs, 0, 3, 5, 3.0, nullptr, dbias, dlogs, par);
+  cpu::channelwise<ops::ActnormBwd>(DType::f32, {0, 3, 5, {}, {}, {bias, logs}, {3.0}, {}, {}, {dbias, dlogs}}, par);
   check(Vec(dbias, dbias + 3) == Vec(3, 0.0) && Vec(dlogs, dlogs + 3) == Vec(3, 0.0), "actnorm_bwd empty batch");
   const int64_t c1 = 3, c2 = 2, H = 5, O = 2 * c2;
   const std::vector<int64_t> sizes{H * c1, H, H, H * H, H, H, O * H, O, O};
