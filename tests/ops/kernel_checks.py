@@ -15,6 +15,7 @@ from typing import Callable
 
 import pytest
 import torch
+import triton.language as tl
 
 import flowkern
 from flowkern.nn import Glow
@@ -117,6 +118,12 @@ def decode(value):
         return MockTensor(getattr(torch, value["tensor"]))
     if isinstance(value, dict) and "tl_dtype" in value:
         return tl.dtype(value["tl_dtype"])
+    if isinstance(value, dict) and "tuple" in value:   # Triton specializes tensors in tuples natively: real ones
+        return tuple(torch.empty(16, dtype=getattr(torch, v["tensor"])) if isinstance(v, dict) and "tensor" in v
+                     else decode(v) for v in value["tuple"])
+    if isinstance(value, dict) and "jit" in value:  # a @triton.jit function passed as a constexpr
+        module, name = value["jit"]
+        return getattr(importlib.import_module(module), name)
     return value
 
 
@@ -185,13 +192,52 @@ def hopper_resources(cases: list[dict]) -> list[dict]:
     and stack bytes per thread, static and dynamic shared memory bytes, num_warps, num_stages, and "sass"
     (nvdisasm with source lines) for cases with sass=True. A case is a hopper_case, or dict(module, kernel,
     launch=dict(args, kwargs)): the arguments of a launch (tensors as {"tensor": torch dtype name}, tl dtypes as
-    {"tl_dtype": name}), which Triton specializes as it would that launch."""
+    {"tl_dtype": name}, tuples as {"tuple": [...]}, jit functions as {"jit": [module, name]}; see describe_launch),
+    which Triton specializes as it would that launch."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[2]
     done = subprocess.run([sys.executable, "-c", _HOPPER_COMPILE, json.dumps(cases)], cwd=root, env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def describe_argument(value):
+    """A launch argument as hopper_resources' child process rebuilds it."""
+    if isinstance(value, torch.Tensor):
+        return {"tensor": str(value.dtype).removeprefix("torch.")}
+    if isinstance(value, tl.dtype):
+        return {"tl_dtype": str(value)}
+    if isinstance(value, (tuple, list)):
+        return {"tuple": [describe_argument(v) for v in value]}
+    if hasattr(value, "fn") and callable(value.fn):   # a @triton.jit function (interpreted here)
+        return {"jit": [value.fn.__module__, value.fn.__name__]}
+    return value
+
+
+def recorded_launches(module: str, run: Callable[[], object]) -> list[dict]:
+    """Runs `run` with the @triton.jit kernels of `module` recording their launches instead of running them;
+    returns them as hopper_resources cases."""
+    kernels = importlib.import_module(module)
+    cases = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                cases.append(dict(module=module, kernel=self.name, launch=dict(
+                    args=[describe_argument(a) for a in args],
+                    kwargs={k: describe_argument(v) for k, v in kwargs.items()})))
+            return launch
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name in dir(kernels):
+            if name.endswith("_kernel") and hasattr(getattr(kernels, name), "fn"):
+                patch.setattr(kernels, name, Recorder(name))
+        run()
+    return cases
 
 
 def compile_for_hopper(cases: list[dict]) -> list[int]:

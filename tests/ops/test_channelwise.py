@@ -1,0 +1,33 @@
+"""The Triton engine of the channelwise ops (flowkern/kernels/triton/channelwise.py) as the GPU compiles it: every
+op's launches, recorded on the CPU, compile for Hopper (sm_90) without spills. The ops' results are tested against
+their float64 references in test_actnorm.py and test_prior.py (every backend)."""
+from __future__ import annotations
+
+import torch
+
+from flowkern.kernels.triton import actnorm, prior
+from tests.ops.kernel_checks import MAX_SPILL_BYTES, hopper_resources, needs_hopper_toolchain, recorded_launches
+
+ENGINE = "flowkern.kernels.triton.channelwise"
+
+
+def _launches(shape, dtype) -> list:
+    x, dy = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
+    bias, logs, grad_rows = torch.randn(shape[1]), torch.randn(shape[1]), torch.randn(shape[0])
+    actnorm.actnorm_fwd(x, bias, logs, 3.0)
+    actnorm.actnorm_inv(x, bias, logs, 3.0)
+    actnorm.actnorm_bwd(dy, grad_rows.expand(shape[0]), x, bias, logs, 3.0)
+    prior.gaussian_log_prob_fwd(x)
+    prior.gaussian_log_prob_bwd(grad_rows, x)
+
+
+@needs_hopper_toolchain
+def test_every_op_compiles_for_hopper_without_spills():
+    cases = []
+    for shape, dtype in [((4096, 768), torch.float32), ((64, 48, 16, 16), torch.bfloat16)]:
+        cases += recorded_launches(ENGINE, lambda: _launches(shape, dtype))
+    assert len(cases) == 2 * 6 and {c["kernel"] for c in cases} == {
+        "_map_kernel", "_row_sums_kernel", "_channel_partials_kernel", "_channel_reduce_kernel"}
+    resources = hopper_resources(cases)
+    assert max(r["stack"] for r in resources) <= MAX_SPILL_BYTES, [
+        (c["kernel"], c["launch"]["kwargs"].get("ELEMENT"), r["stack"]) for c, r in zip(cases, resources)]
