@@ -1,17 +1,24 @@
 """The Triton engine of the channelwise ops (flowkern/kernels/triton/channelwise.py) as the GPU compiles it: every
-op's launches, recorded on the CPU, compile for Hopper (sm_90) without spills. The ops' results are tested against
+op's launches, recorded on the CPU, compile for Hopper (sm_90) without spills; and no Triton kernel has an argument
+name that breaks a GPU launch. The ops' results are tested against
 their float64 references in test_actnorm.py and test_prior.py (every backend)."""
 from __future__ import annotations
 
+import importlib
+import inspect
+import pkgutil
+
 import torch
 
+import flowkern.kernels.triton
 from flowkern.kernels.triton import actnorm, prior
 from tests.ops.kernel_checks import MAX_SPILL_BYTES, hopper_resources, needs_hopper_toolchain, recorded_launches
 
 ENGINE = "flowkern.kernels.triton.channelwise"
+TRITON_MODULES = [f"flowkern.kernels.triton.{m.name}" for m in pkgutil.iter_modules(flowkern.kernels.triton.__path__)]
 
 
-def _launches(shape, dtype) -> list:
+def _launches(shape, dtype) -> None:
     x, dy = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
     bias, logs, grad_rows = torch.randn(shape[1]), torch.randn(shape[1]), torch.randn(shape[0])
     actnorm.actnorm_fwd(x, bias, logs, 3.0)
@@ -31,3 +38,15 @@ def test_every_op_compiles_for_hopper_without_spills():
     resources = hopper_resources(cases)
     assert max(r["stack"] for r in resources) <= MAX_SPILL_BYTES, [
         (c["kernel"], c["launch"]["kwargs"].get("ELEMENT"), r["stack"]) for c, r in zip(cases, resources)]
+
+
+def test_no_kernel_argument_shadows_the_launch_binder():
+    """Triton 3.6 binds a launch's arguments in generated code whose locals are `params`, `specialization` and
+    `options`: a kernel argument of one of those names fails to specialize, on a GPU only (the interpreter does not
+    bind). Every kernel (a @triton.jit function named *_kernel) in flowkern.kernels.triton avoids them."""
+    kernels = [(module.__name__, name, kernel) for module in map(importlib.import_module, TRITON_MODULES)
+               for name, kernel in vars(module).items() if name.endswith("_kernel") and hasattr(kernel, "fn")]
+    assert len(kernels) > 10
+    for module, name, kernel in kernels:
+        clashing = set(inspect.signature(kernel.fn).parameters) & {"params", "specialization", "options"}
+        assert not clashing, (module, name, clashing)
