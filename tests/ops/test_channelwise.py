@@ -1,6 +1,6 @@
 """The Triton engine of the channelwise ops (flowkern/kernels/triton/channelwise.py) as the GPU compiles it: every
 op's launches, recorded on the CPU, compile for Hopper (sm_90) without spills; and no Triton kernel has an argument
-name that breaks a GPU launch. The ops' results are tested against
+name that breaks a GPU launch; each launcher agrees with its op's declaration and names bad arguments. The ops' results are tested against
 their float64 references in test_actnorm.py and test_prior.py (every backend)."""
 from __future__ import annotations
 
@@ -8,10 +8,13 @@ import importlib
 import inspect
 import pkgutil
 
+import pytest
 import torch
 
 import flowkern.kernels.triton
 from flowkern.kernels.triton import actnorm, prior
+from flowkern.kernels.triton.channelwise import Channelwise
+from flowkern.ops.spec import SPECS
 from tests.ops.kernel_checks import MAX_SPILL_BYTES, hopper_resources, needs_hopper_toolchain, recorded_launches
 
 ENGINE = "flowkern.kernels.triton.channelwise"
@@ -50,3 +53,32 @@ def test_no_kernel_argument_shadows_the_launch_binder():
     for module, name, kernel in kernels:
         clashing = set(inspect.signature(kernel.fn).parameters) & {"params", "specialization", "options"}
         assert not clashing, (module, name, clashing)
+
+
+def test_triton_declarations_agree_with_the_op_specs():
+    """Each Triton channelwise launcher names the arguments of its op's one declaration (flowkern.ops.spec), in
+    order, floats as scalars and tensors in a tensor role."""
+    ops = [op for module in map(importlib.import_module, TRITON_MODULES) for op in vars(module).values()
+           if isinstance(op, Channelwise)]
+    assert {op.name for op in ops} >= {"actnorm_fwd", "actnorm_inv", "actnorm_bwd", "gaussian_log_prob_fwd",
+                                       "gaussian_log_prob_bwd"}
+    for op in ops:
+        declared = SPECS[op.name].args
+        assert [arg.split(":")[0] for arg in op.args.split()] == [name for name, _ in declared], op.name
+        assert [role == "s" for role in op.roles] == [kind is float for _, kind in declared], op.name
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: actnorm.actnorm_fwd(torch.randn(2, 3, 4), torch.zeros(3), torch.zeros(3), 3.0),
+     r"actnorm_fwd: x must be \[B, C\] or \[B, C, H, W\] with B > 0, got shape \(2, 3, 4\)"),
+    (lambda: actnorm.actnorm_fwd(torch.randn(2, 3), torch.zeros(4), torch.zeros(3), 3.0),
+     r"actnorm_fwd: bias must have shape \[3\], got \[4\]"),
+    (lambda: actnorm.actnorm_bwd(torch.randn(2, 3), torch.zeros(3), torch.randn(2, 3), torch.zeros(3),
+                                 torch.zeros(3), 3.0), r"grad_log_det must have shape \[2\], got \[3\]"),
+    (lambda: actnorm.actnorm_inv(torch.randn(2, 3), torch.zeros(3, dtype=torch.int64), torch.zeros(3), 3.0),
+     r"actnorm_inv: bias must be a floating-point tensor, got torch.int64"),
+    (lambda: prior.gaussian_log_prob_fwd(torch.randn(0, 3)), r"gaussian_log_prob_fwd: z must be \[B, ...\] with B > 0"),
+])
+def test_bad_arguments_are_named(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()

@@ -35,6 +35,8 @@ def _times_factor(k: tl.constexpr, total, scalars):
     return scalars[0] * total if k == 1 else total
 
 
-actnorm_fwd = Channelwise("dpps", _forward, row_sums=1, row_term=_log_det_term)
-actnorm_inv = Channelwise("dpps", _inverse)
-actnorm_bwd = Channelwise("drdpps", _backward, channel_sums=2, dtype_from=1, finish_channel=_times_factor)
+actnorm_fwd = Channelwise("actnorm_fwd", "x:d bias:p logs:p logscale_factor:s", _forward, row_sums=1,
+                          row_term=_log_det_term)
+actnorm_inv = Channelwise("actnorm_inv", "y:d bias:p logs:p logscale_factor:s", _inverse)
+actnorm_bwd = Channelwise("actnorm_bwd", "grad_y:d grad_log_det:r x:d bias:p logs:p logscale_factor:s", _backward,
+                          channel_sums=2, dtype_from=1, finish_channel=_times_factor)

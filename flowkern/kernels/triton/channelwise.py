@@ -182,16 +182,20 @@ def _channel_reduce_kernel(partial_ptr, sums, scalars, groups, C, P, FINISH: tl.
 
 @dataclasses.dataclass(frozen=True)
 class Channelwise:
-    """One channelwise op on the Triton backend. roles: a letter per launcher argument, in order ('d' data tensor,
-    'r' row tensor [B], 'p' per-channel parameter [C], 's' float), as the op's kRoles in csrc/ops; outputs: data
-    outputs (in the dtype of data input `dtype_from`); row_sums: [B] vectors in the compute dtype; channel_sums:
-    [C] vectors, sum k in parameter k's dtype. Calling it runs the op and returns its results in that order."""
-    roles: str
+    """One channelwise op on the Triton backend. name: the op's (for errors); args: its launcher's arguments in
+    order as "name:role", role 'd' a data tensor ([B, C] or [B, C, H, W]; any [B, ...] when `flat`, as one
+    channel), 'r' a row tensor [B], 'p' a per-channel parameter [C], 's' a float (the op's kRoles in csrc/ops);
+    outputs: data outputs, in the dtype of data input `dtype_from`; row_sums: [B] vectors in the compute dtype;
+    channel_sums: [C] vectors, sum k in parameter k's dtype. Calling it checks the arguments (ValueError naming
+    the argument), runs the op and returns its results in that order."""
+    name: str
+    args: str
     element: triton.JITFunction
     outputs: int = 1
     row_sums: int = 0
     channel_sums: int = 0
     dtype_from: int = 0
+    flat: bool = False
     finish_row: triton.JITFunction = _identity_row
     finish_channel: triton.JITFunction = _identity_channel
     row_term: triton.JITFunction | None = None
@@ -202,11 +206,37 @@ class Channelwise:
         if self.row_term is not None and self.row_sums != 1:
             raise ValueError("row_term gives one row sum")
 
+    @property
+    def roles(self) -> str:
+        return "".join(arg.split(":")[1] for arg in self.args.split())
+
+    def _checked(self, args) -> dict[str, list]:
+        """The arguments by role, checked against the data input `dtype_from` (ValueError naming the argument)."""
+        named = list(zip((arg.split(":") for arg in self.args.split()), args, strict=True))
+        by_role = {role: [(name, a) for (name, r), a in named if r == role] for role in "drps"}
+        like_name, like = by_role["d"][self.dtype_from]
+        fail = f"{self.name}: "
+        if like.dim() < 1 or like.shape[0] == 0 or (not self.flat and like.dim() not in (2, 4)):
+            raise ValueError(fail + f"{like_name} must be {'[B, ...]' if self.flat else '[B, C] or [B, C, H, W]'} "
+                             f"with B > 0, got shape {tuple(like.shape)}")
+        batch, channels = like.shape[0], 1 if self.flat else like.shape[1]
+        expected = {"d": tuple(like.shape), "r": (batch,), "p": (channels,)}
+        for role in "drp":
+            for name, t in by_role[role]:
+                if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                    raise ValueError(fail + f"{name} must be a floating-point tensor, got "
+                                     f"{getattr(t, 'dtype', type(t).__name__)}")
+                if tuple(t.shape) != expected[role]:
+                    raise ValueError(fail + f"{name} must have shape {list(expected[role])}, got {list(t.shape)}")
+                if t.device != like.device:
+                    raise ValueError(fail + f"{name} is on {t.device} but {like_name} is on {like.device}")
+        return {role: [a for _, a in values] for role, values in by_role.items()}
+
     def __call__(self, *args):
-        by_role = {role: [a for r, a in zip(self.roles, args) if r == role] for role in "drps"}
+        by_role = self._checked(args)
         data, row_inputs, params, scalars = by_role["d"], by_role["r"], by_role["p"], tuple(map(float, by_role["s"]))
         like = data[self.dtype_from]
-        views = [as_rows(t.to(like.dtype))[0] for t in data]
+        views = [(t.reshape(t.shape[0], 1, -1) if self.flat else as_rows(t)[0]).to(like.dtype) for t in data]
         batch, channels, pixels = views[0].shape
         columns = channels * pixels
         outs = tuple(torch.empty(like.shape, dtype=like.dtype, device=like.device) for _ in range(self.outputs))

@@ -27,5 +27,6 @@ def _backward(ins, params, rows, scalars):
     return (-ins[0] * rows[0],), (), ()
 
 
-gaussian_log_prob_fwd = Channelwise("d", _forward, outputs=0, row_sums=1, finish_row=_log_prob)
-gaussian_log_prob_bwd = Channelwise("rd", _backward)
+gaussian_log_prob_fwd = Channelwise("gaussian_log_prob_fwd", "z:d", _forward, outputs=0, row_sums=1, flat=True,
+                                    finish_row=_log_prob)
+gaussian_log_prob_bwd = Channelwise("gaussian_log_prob_bwd", "grad_log_prob:r z:d", _backward, flat=True)
