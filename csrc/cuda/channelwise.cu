@@ -120,8 +120,8 @@ __global__ void __launch_bounds__(kBlockThreads) channelwise_map_kernel(Channelw
     }
   }
   if constexpr (Op::kRowSums > 0) {
-    // Row sums from the channels only: every block that owns rows sums the channels' terms in the same order, so
-    // they all write the same values (the launch gives the grid at least a thread per row).
+    // Row sums from the channels only: every block whose first thread is below the batch sums the channels' terms
+    // in the same order, so they all write the same values; the grid-stride loop over b reaches every row.
     if (int64_t(blockIdx.x) * blockDim.x < a.batch) {
 #pragma unroll
       for (int k = 0; k < Op::kRowSums; ++k) {
@@ -182,7 +182,8 @@ struct ChannelSumPlan {
     tile_x = std::min<int64_t>(kBlockThreads, std::max<int64_t>(1, column_vectors));
     tile_y = kBlockThreads / tile_x;
     column_tiles = std::max<int64_t>(1, ceil_div(column_vectors, tile_x));
-    // Enough groups for about kPartialBlocks blocks, each with at least one row per thread row.
+    // Enough groups for about kPartialBlocks blocks, and no more groups than batch / tile_y (fewer rows than
+    // thread rows would leave whole thread rows idle in every group).
     const int64_t wanted = std::min(ceil_div(kPartialBlocks, column_tiles), ceil_div(batch, tile_y));
     rows_per_group = std::max<int64_t>(1, ceil_div(batch, std::max<int64_t>(1, wanted)));
     groups = ceil_div(batch, rows_per_group);
