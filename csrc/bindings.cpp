@@ -155,14 +155,14 @@ class Channelwise {
   void add(const Tensor& t, int position) {
     const char role = Op::kRoles[position];
     auto& group = role == 'd' ? data_ : role == 'r' ? rows_ : params_;
-    group.push_back({t, names_[position]});
+    group.push_back({t, names_[position].c_str()});
   }
-  void add(double value, int position) { scalars_.push_back(value), (void)position; }
+  void add(double value, int /*position*/) { scalars_.push_back(value); }
 
   std::vector<Tensor> run() const {
     const char* op = op_.c_str();
     const Tensor& like = data_[Op::kDtypeFrom].tensor;
-    const char* like_name = data_[Op::kDtypeFrom].name.c_str();
+    const char* like_name = data_[Op::kDtypeFrom].name;
     int64_t batch, channels, pixels;
     if constexpr (Op::kFlat) {
       TORCH_CHECK_VALUE(like.dim() >= 1 && like.size(0) > 0, op, ": ", like_name, " must be [B, ...] with B > 0, got ",
@@ -176,18 +176,18 @@ class Channelwise {
     std::vector<Tensor> keep, results;   // the inputs as the kernels read them; what the op returns
     for (size_t k = 0; k < data_.size(); ++k) {
       const auto& [t, name] = data_[k];
-      check_device(t, like, op, name.c_str());
-      check_shape(t, like.sizes(), op, name.c_str());
-      dtype_of(t, op, name.c_str());
+      check_device(t, like, op, name);
+      check_shape(t, like.sizes(), op, name);
+      dtype_of(t, op, name);   // a supported dtype, else a ValueError naming it
       keep.push_back(t.to(like.scalar_type()).contiguous());
       args.inputs[k] = keep.back().data_ptr();
     }
     for (size_t k = 0; k < rows_.size(); ++k) {
-      keep.push_back(per_row(rows_[k].tensor, like, batch, op, rows_[k].name.c_str()));
+      keep.push_back(per_row(rows_[k].tensor, like, batch, op, rows_[k].name));
       args.rows[k] = keep.back().data_ptr();
     }
     for (size_t k = 0; k < params_.size(); ++k) {
-      keep.push_back(param(params_[k].tensor, like, {channels}, op, params_[k].name.c_str()));
+      keep.push_back(param(params_[k].tensor, like, {channels}, op, params_[k].name));
       args.params[k] = keep.back().data_ptr();
     }
     for (size_t k = 0; k < scalars_.size(); ++k) args.scalars[k] = scalars_[k];
@@ -225,7 +225,7 @@ class Channelwise {
  private:
   struct Named {
     Tensor tensor;
-    std::string name;
+    const char* name;   // in names_, which lives as long as the program
   };
   inline static const std::string op_ = schema_name(Op::kSchema);
   inline static const std::vector<std::string> names_ = schema_args(Op::kSchema);

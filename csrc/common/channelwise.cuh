@@ -52,6 +52,9 @@ struct ChannelwiseArgs {
 struct ChannelwiseOp {
   static constexpr int kDtypeFrom = 0, kOutputs = 1, kRowSums = 0, kChannelSums = 0;
   static constexpr bool kFlat = false, kRowSumsFromChannels = false;
+  // An op without parameters needs nothing per channel.
+  template <typename A> struct Channel {};
+  template <typename A> FLOWKERN_HD static Channel<A> channel(const A* const*, int64_t, const double*) { return {}; }
   template <typename A> FLOWKERN_HD static A finish_row(int, A sum, int64_t) { return sum; }
   template <typename A> FLOWKERN_HD static A finish_channel(int, A sum, const double*) { return sum; }
 };

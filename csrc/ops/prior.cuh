@@ -11,8 +11,6 @@ struct GaussianLogProbFwd : ChannelwiseOp {
   static constexpr char kRoles[] = "d";
   static constexpr int kOutputs = 0, kRowSums = 1;
   static constexpr bool kFlat = true;
-  template <typename A> struct Channel {};
-  template <typename A> FLOWKERN_HD static Channel<A> channel(const A* const*, int64_t, const double*) { return {}; }
   template <typename A>
   FLOWKERN_HD static void element(const A* in, const Channel<A>&, const A*, A*, A* row_terms, A*) {
     row_terms[0] = in[0] * in[0];
@@ -26,8 +24,6 @@ struct GaussianLogProbBwd : ChannelwiseOp {
   static constexpr const char* kSchema = "gaussian_log_prob_bwd(Tensor grad_log_prob, Tensor z) -> Tensor";
   static constexpr char kRoles[] = "rd";
   static constexpr bool kFlat = true;
-  template <typename A> struct Channel {};
-  template <typename A> FLOWKERN_HD static Channel<A> channel(const A* const*, int64_t, const double*) { return {}; }
   template <typename A>
   FLOWKERN_HD static void element(const A* in, const Channel<A>&, const A* row, A* out, A*, A*) {
     out[0] = -in[0] * row[0];

@@ -64,7 +64,7 @@ def test_triton_declarations_agree_with_the_op_specs():
                                        "gaussian_log_prob_bwd"}
     for op in ops:
         declared = SPECS[op.name].args
-        assert [arg.split(":")[0] for arg in op.args.split()] == [name for name, _ in declared], op.name
+        assert [name for name, _ in op.arguments] == [name for name, _ in declared], op.name
         assert [role == "s" for role in op.roles] == [kind is float for _, kind in declared], op.name
 
 

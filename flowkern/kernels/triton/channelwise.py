@@ -21,6 +21,7 @@ sums go through per-program partials reduced by a second kernel, so results are 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import triton
@@ -206,13 +207,18 @@ class Channelwise:
         if self.row_term is not None and self.row_sums != 1:
             raise ValueError("row_term gives one row sum")
 
+    @functools.cached_property
+    def arguments(self) -> list[tuple[str, str]]:
+        """(name, role) of each argument, parsed once."""
+        return [tuple(arg.split(":")) for arg in self.args.split()]
+
     @property
     def roles(self) -> str:
-        return "".join(arg.split(":")[1] for arg in self.args.split())
+        return "".join(role for _, role in self.arguments)
 
     def _checked(self, args) -> dict[str, list]:
         """The arguments by role, checked against the data input `dtype_from` (ValueError naming the argument)."""
-        named = list(zip((arg.split(":") for arg in self.args.split()), args, strict=True))
+        named = list(zip(self.arguments, args, strict=True))
         by_role = {role: [(name, a) for (name, r), a in named if r == role] for role in "drps"}
         like_name, like = by_role["d"][self.dtype_from]
         fail = f"{self.name}: "
